@@ -1,0 +1,194 @@
+"""Checks a run config before anything is built or compiled.
+
+Every error names the key, the bad value and, where there is one, the fix:
+`config.train.batch_size=30 is not divisible by the batch axes data x fsdp (8)`.
+This module imports no jax so that `launch/main.py` fails in well under a
+second on a bad flag.
+"""
+import math
+
+MESH_AXES = ("data", "fsdp", "tensor")
+DATA_SOURCES = ("shapes", "tfds", "jsonl")
+DTYPES = ("float32", "bfloat16")
+EVALUATORS = ("retrieval", "zeroshot")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key."""
+
+
+def _get(config, path):
+  node = config
+  for part in path.split("."):
+    if part not in node:
+      raise ConfigError(f"config.{path} is missing.")
+    node = node[part]
+  return node
+
+
+def _check_type(config, path, types, what):
+  value = _get(config, path)
+  # bool is an int subclass; a flag like `=True` on an int key is a mistake.
+  if isinstance(value, bool) and bool not in types:
+    raise ConfigError(f"config.{path}={value!r} must be {what}.")
+  if not isinstance(value, types):
+    raise ConfigError(f"config.{path}={value!r} must be {what}.")
+  return value
+
+
+def _positive_int(config, path, allow_zero=False):
+  value = _check_type(config, path, (int,), "an integer")
+  if value < 0 or (value == 0 and not allow_zero):
+    raise ConfigError(f"config.{path}={value} must be {'>= 0' if allow_zero else '> 0'}.")
+  return value
+
+
+def _number(config, path, low=None, high=None, low_open=False):
+  value = _check_type(config, path, (int, float), "a number")
+  if low is not None and (value < low or (low_open and value == low)):
+    raise ConfigError(f"config.{path}={value} must be {'>' if low_open else '>='} {low}.")
+  if high is not None and value > high:
+    raise ConfigError(f"config.{path}={value} must be <= {high}.")
+  return value
+
+
+def _choice(config, path, choices):
+  value = _get(config, path)
+  if value not in choices:
+    raise ConfigError(f"config.{path}={value!r} must be one of {', '.join(choices)}.")
+  return value
+
+
+def resolve_mesh_shape(mesh_config, num_devices):
+  """Returns {axis: size} with the one -1 axis filled in from num_devices."""
+  shape = {}
+  for axis in MESH_AXES:
+    value = mesh_config.get(axis, 1)
+    if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
+      raise ConfigError(f"config.mesh.{axis}={value!r} must be a positive integer or -1.")
+    shape[axis] = value
+  unknown = set(mesh_config.keys()) - set(MESH_AXES)
+  if unknown:
+    raise ConfigError(f"config.mesh.{sorted(unknown)[0]} is not a mesh axis; axes are {MESH_AXES}.")
+  free = [a for a in MESH_AXES if shape[a] == -1]
+  if len(free) > 1:
+    raise ConfigError(f"config.mesh: only one axis may be -1, got {free}.")
+  fixed = math.prod(v for v in shape.values() if v != -1)
+  if free:
+    if num_devices % fixed:
+      raise ConfigError(
+          f"config.mesh: {num_devices} devices cannot be split with fixed axes of size {fixed}.")
+    shape[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ConfigError(
+        f"config.mesh={dict(shape)} has {fixed} devices but {num_devices} are present; "
+        f"set one axis to -1 or match the device count.")
+  return shape
+
+
+def validate(config, num_devices=None):
+  """Raises ConfigError on the first key that cannot work.
+
+  Args:
+    config: the run's ConfigDict.
+    num_devices: global device count; when given, the mesh and batch
+      divisibility are checked too.
+  """
+  _positive_int(config, "seed", allow_zero=True)
+  _choice(config, "dtype", DTYPES)
+
+  # Data.
+  _choice(config, "data.name", DATA_SOURCES)
+  image_size = _positive_int(config, "data.image_size")
+  if image_size < 16:
+    raise ConfigError(f"config.data.image_size={image_size} must be >= 16.")
+  if _positive_int(config, "data.max_text_len") < 3:
+    raise ConfigError("config.data.max_text_len must be >= 3 ([CLS] word [SEP]).")
+  _positive_int(config, "data.vocab_size")
+  _positive_int(config, "data.num_workers", allow_zero=True)
+  for key in ("data_dir", "tokenizer", "tfds_name", "image_key", "caption_key",
+              "train_split", "eval_split"):
+    _check_type(config, f"data.{key}", (str,), "a string")
+  if config.data.name == "shapes":
+    for key in ("shapes_num_train", "shapes_num_val", "shapes_num_test"):
+      _positive_int(config, f"data.{key}")
+  elif config.data.name == "tfds" and not config.data.tfds_name:
+    raise ConfigError("config.data.tfds_name is empty but config.data.name='tfds'.")
+  elif config.data.name == "jsonl" and not config.data.jsonl.train:
+    raise ConfigError("config.data.jsonl.train is empty but config.data.name='jsonl'.")
+
+  # Model.
+  for tower in ("vision", "text"):
+    for key in ("width", "depth", "num_heads", "mlp_dim"):
+      _positive_int(config, f"model.{tower}.{key}")
+    width, heads = config.model[tower].width, config.model[tower].num_heads
+    if width % heads:
+      raise ConfigError(
+          f"config.model.{tower}.width={width} is not divisible by "
+          f"config.model.{tower}.num_heads={heads}.")
+  patch = _positive_int(config, "model.vision.patch_size")
+  if image_size % patch:
+    raise ConfigError(
+        f"config.model.vision.patch_size={patch} does not divide "
+        f"config.data.image_size={image_size}.")
+  _positive_int(config, "model.embed_dim")
+  _number(config, "model.dropout", 0.0, 1.0)
+  _number(config, "model.temperature_init", 0.001, 0.5)
+
+  _number(config, "loss.itc_weight", 0.0)
+
+  # Optimizer.
+  _number(config, "optim.learning_rate", 0.0, low_open=True)
+  _number(config, "optim.warmup_frac", 0.0, 1.0)
+  _number(config, "optim.end_lr_frac", 0.0, 1.0)
+  _number(config, "optim.b1", 0.0, 1.0)
+  _number(config, "optim.b2", 0.0, 1.0)
+  _number(config, "optim.weight_decay", 0.0)
+  _number(config, "optim.grad_clip_norm", 0.0)
+
+  # Training loop.
+  batch = _positive_int(config, "train.batch_size")
+  _positive_int(config, "train.num_steps")
+  _positive_int(config, "train.log_every")
+  _positive_int(config, "train.checkpoint_every")
+  _positive_int(config, "train.keep_checkpoints")
+  _check_type(config, "train.eval_at_end", (bool,), "True or False")
+
+  # Evaluation.
+  _positive_int(config, "eval.batch_size")
+  _positive_int(config, "eval.num_examples")
+  evaluators = _check_type(config, "eval.evaluators", (tuple, list), "a tuple of names")
+  for name in evaluators:
+    if name not in EVALUATORS:
+      raise ConfigError(f"config.eval.evaluators has {name!r}; known: {', '.join(EVALUATORS)}.")
+  if "zeroshot" in evaluators and config.data.name != "shapes":
+    raise ConfigError(
+        "config.eval.evaluators has 'zeroshot', which needs class labels: only "
+        f"config.data.name='shapes' has them (got {config.data.name!r}).")
+
+  # Sharding rules: (logical name, mesh axes) pairs over known mesh axes.
+  rules = _check_type(config, "sharding.rules", (tuple, list), "a tuple of (name, axes) pairs")
+  for rule in rules:
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise ConfigError(f"config.sharding.rules has {rule!r}; each rule is (logical_name, mesh_axes).")
+    axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+    for axis in axes:
+      if axis is not None and axis not in MESH_AXES:
+        raise ConfigError(
+            f"config.sharding.rules maps {rule[0]!r} to {axis!r}, not a mesh axis {MESH_AXES}.")
+
+  if num_devices is not None:
+    shape = resolve_mesh_shape(config.mesh, num_devices)
+    for tower in ("vision", "text"):
+      t = config.model[tower]
+      for key, value, axis in (("width", t.width, "fsdp"), ("num_heads", t.num_heads, "tensor"),
+                               ("mlp_dim", t.mlp_dim, "tensor")):
+        if value % shape[axis]:
+          raise ConfigError(
+              f"config.model.{tower}.{key}={value} is not divisible by the {axis} mesh "
+              f"axis ({shape[axis]}); parameters are split over it.")
+    batch_shards = shape["data"] * shape["fsdp"]
+    if batch % batch_shards:
+      raise ConfigError(
+          f"config.train.batch_size={batch} is not divisible by the batch axes "
+          f"data x fsdp ({batch_shards}).")

@@ -1,0 +1,255 @@
+"""Grain pipelines: records -> decoded, tokenized, batched numpy arrays.
+
+Train: indices [process_index::process_count] of the source, globally
+shuffled, repeated forever (Grain reshuffles every epoch: epoch e uses shuffle
+seed `h(seed) + e`), decoded in threads (or worker processes), bad records
+dropped and counted, batched. The iterator's `get_state()` is a small
+JSON-safe dict, so `grain.checkpoint.CheckpointSave` stores it in an Orbax
+checkpoint and a resumed run sees exactly the batches it would have seen.
+
+Eval: the first N records in order, the last batch padded, with `valid`.
+
+Bad records (image missing or unreadable, empty caption, wrong array shape,
+a source that raises) never crash a run: they are skipped and counted per
+process (`skipped_records()`), with the first one logged.
+"""
+import io
+import logging
+import threading
+
+import grain
+import numpy as np
+import PIL.Image
+
+# ---------------------------------------------------------------------------
+# Decoding one record.
+
+
+def _decode_image(image, image_size):
+  """bytes / uint8 array -> (uint8 [S, S, 3], None) or (None, reason)."""
+  if image is None:
+    return None, "image missing or unreadable"
+  if isinstance(image, (bytes, bytearray, memoryview)):
+    try:
+      with PIL.Image.open(io.BytesIO(image)) as pil:
+        pil = pil.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - any undecodable file is a bad record
+      return None, f"undecodable image bytes ({type(e).__name__}: {e})"
+  else:
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+      return None, f"image array dtype {array.dtype} (want uint8)"
+    if array.ndim == 3 and array.shape[-1] == 1:
+      array = array[..., 0]
+    if array.ndim == 3 and array.shape[-1] == 4:
+      array = array[..., :3]  # drop alpha
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3)) or min(array.shape[:2]) == 0:
+      return None, f"image array of shape {array.shape} (want [H, W, 3])"
+    if array.shape[:2] == (image_size, image_size):
+      return np.stack([array] * 3, -1) if array.ndim == 2 else array, None
+    pil = PIL.Image.fromarray(array).convert("RGB")
+  if pil.size != (image_size, image_size):
+    # Plain resize to a square (no crop), as big_vision's `resize`.
+    pil = pil.resize((image_size, image_size), PIL.Image.BICUBIC)
+  return np.asarray(pil, np.uint8), None
+
+
+def _decode(record, image_size, tokenizer, max_text_len):
+  """record -> ({image, text_ids, text_mask}, None) or (None, reason)."""
+  caption = record.get("caption")
+  if not isinstance(caption, str) or not caption.strip():
+    return None, f"empty caption {caption!r}"
+  image, reason = _decode_image(record.get("image"), image_size)
+  if image is None:
+    if "image_path" in record:
+      reason += f" ({record['image_path']})"
+    return None, reason
+  ids, mask = tokenizer.encode_one(caption, max_text_len)
+  return {"image": image, "text_ids": ids, "text_mask": mask}, None
+
+
+def decode_record(record, *, image_size, tokenizer, max_text_len):
+  """One record -> dict or None for a bad record.
+
+  Returns:
+    {"image": uint8 [S, S, 3], "text_ids": int32 [L], "text_mask": bool [L]},
+    or None (unreadable/missing image, empty caption, wrong array shape).
+  """
+  return _decode(record, image_size, tokenizer, max_text_len)[0]
+
+
+# ---------------------------------------------------------------------------
+# Counting bad records.
+
+
+class _SkipCounter:
+  """Process-wide count of skipped records; thread-safe (Grain maps in threads)."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self.count = 0
+
+  def add(self, index, reason):
+    with self._lock:
+      self.count += 1
+      count = self.count
+    if count == 1:
+      logging.warning("Skipping bad record %d: %s (further ones are counted, see "
+                      "clusjax.data.skipped_records())", index, reason)
+    elif count in (10, 100, 1000, 10_000, 100_000):
+      logging.warning("%d bad records skipped so far (latest: record %d: %s)", count, index, reason)
+
+
+_SKIPPED = _SkipCounter()
+
+
+def skipped_records():
+  """How many bad records this process has skipped (all pipelines, all epochs)."""
+  return _SKIPPED.count
+
+
+def reset_skipped_records():
+  with _SKIPPED._lock:  # pylint: disable=protected-access
+    _SKIPPED.count = 0
+
+
+class _DecodeIndex:
+  """index -> decoded example, or a {"bad": ...} marker (counted later).
+
+  Bad records become markers rather than None so that they are counted in
+  the main process even when decoding runs in Grain worker processes.
+  Picklable (plain attributes) for those workers.
+  """
+
+  def __init__(self, source, image_size, tokenizer, max_text_len, keep_caption=False):
+    self.source, self.image_size = source, image_size
+    self.tokenizer, self.max_text_len = tokenizer, max_text_len
+    self.keep_caption = keep_caption
+
+  def __call__(self, index):
+    index = int(index)
+    try:
+      record = self.source[index]
+      example, reason = _decode(record, self.image_size, self.tokenizer, self.max_text_len)
+    except Exception as e:  # noqa: BLE001 - a failing read is a bad record, not a crash
+      example, reason = None, f"reading failed ({type(e).__name__}: {e})"
+    if example is None:
+      return {"bad_index": index, "bad_reason": reason}
+    if self.keep_caption:
+      example["caption"] = record["caption"]
+    return example
+
+
+class _DropBad:
+  """Filter: True for good examples; counts the bad ones.
+
+  Raises once a whole epoch's worth of records in a row was bad (a filter
+  would otherwise spin forever on a data set with no usable record).
+  """
+
+  def __init__(self, limit):
+    self.limit = limit
+    self.in_a_row = 0
+
+  def __call__(self, example):
+    if "bad_index" not in example:
+      self.in_a_row = 0
+      return True
+    _SKIPPED.add(example["bad_index"], example["bad_reason"])
+    self.in_a_row += 1
+    if self.in_a_row >= self.limit:
+      raise RuntimeError(f"{self.in_a_row} bad records in a row (every record of the shard): "
+                         f"last one {example['bad_index']}: {example['bad_reason']}")
+    return False
+
+
+# ---------------------------------------------------------------------------
+# Pipelines.
+
+
+def make_train_iterator(source, *, global_batch_size, seed, image_size, tokenizer, max_text_len,
+                        process_index=0, process_count=1, num_workers=0):
+  """Infinite, shuffled, per-process batches of `source`.
+
+  Each process reads records [process_index : n' : process_count], with n'
+  the largest multiple of process_count <= len(source), so every process has
+  the same epoch length (the last len(source) % process_count records are
+  never read).
+
+  Returns:
+    A grain DatasetIterator over {"image": uint8 [b, S, S, 3], "text_ids":
+    int32 [b, L], "text_mask": bool [b, L]}, b = global_batch_size //
+    process_count; get_state()/set_state() restore the position exactly.
+  """
+  if global_batch_size % process_count:
+    raise ValueError(f"global batch size {global_batch_size} is not divisible by the number of "
+                     f"processes ({process_count})")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+  local_batch = global_batch_size // process_count
+  per_process = len(source) // process_count
+  if per_process == 0 or local_batch == 0:
+    raise ValueError(f"{len(source)} records and global batch size {global_batch_size} give "
+                     f"nothing to read for each of {process_count} processes")
+  ds = grain.MapDataset.range(per_process * process_count)[process_index::process_count]
+  # shuffle before repeat: each epoch is a full permutation of the shard, and
+  # Grain seeds epoch e's permutation with (shuffle seed + e), so epochs
+  # differ. Hashing the seed keeps run seed=1 from replaying seed=0's epoch 2.
+  shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
+  ds = ds.shuffle(seed=shuffle_seed).repeat(None)
+  ds = ds.map(_DecodeIndex(source, image_size, tokenizer, max_text_len))
+  # Enough read-ahead for about two batches; Grain's default (500) wastes work
+  # when a test or an eval drops the iterator early.
+  read = grain.ReadOptions(num_threads=16, prefetch_buffer_size=min(max(2 * local_batch, 64), 4096))
+  it = ds.to_iter_dataset(read)
+  if num_workers > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()  # Grain workers read absl flags; a library caller may not parse
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  it = it.filter(_DropBad(limit=per_process)).batch(local_batch, drop_remainder=True)
+  return iter(it)
+
+
+def _pad_batch(examples, batch_size, image_size, max_text_len, pad_id):
+  """list of decoded examples (<= batch_size) -> one padded batch with `valid` [b]."""
+  n = len(examples)
+  batch = {"image": np.zeros((batch_size, image_size, image_size, 3), np.uint8),
+           "text_ids": np.full((batch_size, max_text_len), pad_id, np.int32),
+           "text_mask": np.zeros((batch_size, max_text_len), bool),
+           "valid": np.arange(batch_size) < n,
+           "caption": [e["caption"] for e in examples] + [""] * (batch_size - n)}
+  for key in ("image", "text_ids", "text_mask"):
+    if n:
+      batch[key][:n] = np.stack([e[key] for e in examples])
+  return batch
+
+
+def iterate_eval(source, *, batch_size, image_size, tokenizer, max_text_len, num_examples=None):
+  """Batches of the first `num_examples` records (all if None), in order.
+
+  Bad records are skipped (and counted), so a batch holds the next good
+  records. Decoding runs in threads; order is kept.
+
+  Yields:
+    {"image": uint8 [b, S, S, 3], "text_ids": int32 [b, L], "text_mask":
+    bool [b, L], "valid": bool [b] (False on padding), "caption": list[str]
+    (b, "" on padding)}, b = batch_size; only the last batch has padding.
+  """
+  n = len(source) if num_examples is None else min(num_examples, len(source))
+  if n == 0:
+    return
+  ds = grain.MapDataset.range(n).map(
+      _DecodeIndex(source, image_size, tokenizer, max_text_len, keep_caption=True))
+  read = grain.ReadOptions(num_threads=16, prefetch_buffer_size=max(2 * batch_size, 64))
+  pending = []
+  for example in ds.to_iter_dataset(read):
+    if "bad_index" in example:
+      _SKIPPED.add(example["bad_index"], example["bad_reason"])
+      continue
+    pending.append(example)
+    if len(pending) == batch_size:
+      yield _pad_batch(pending, batch_size, image_size, max_text_len, tokenizer.pad_id)
+      pending = []
+  if pending:
+    yield _pad_batch(pending, batch_size, image_size, max_text_len, tokenizer.pad_id)

@@ -1,0 +1,30 @@
+"""Evaluators: each has `run(model)` yielding (metric_name, value).
+
+`model` is anything with `encode_image`, `encode_text` and `tokenizer`
+(`clusjax.api.Pretrained`). `config.eval.evaluators` lists which run.
+"""
+import json
+import os
+
+from clusjax import workdir as wd
+from clusjax.eval.retrieval import RetrievalEvaluator, recall_at_k
+from clusjax.eval.zeroshot import ZeroShotEvaluator
+
+EVALUATORS = {e.name: e for e in (RetrievalEvaluator, ZeroShotEvaluator)}
+
+
+def evaluate(config, model, workdir=None):
+  """Runs the configured evaluators; prints, and writes eval_results.json."""
+  results = {}
+  for name in config.eval.evaluators:
+    for metric, value in EVALUATORS[name](config).run(model):
+      results[f"{name}/{metric}"] = value
+      print(f"  {name}/{metric}: {value:.4f}" if isinstance(value, float)
+            else f"  {name}/{metric}: {value}", flush=True)
+  if workdir is not None:
+    with open(os.path.join(workdir, wd.EVAL_RESULTS_FILE), "w") as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+  return results
+
+
+__all__ = ["EVALUATORS", "evaluate", "recall_at_k", "RetrievalEvaluator", "ZeroShotEvaluator"]

@@ -1,0 +1,252 @@
+"""Transformer building blocks shared by the ViT, the text encoder and fusion.
+
+Every parameter carries logical axis names (MaxText style) through
+`nn.with_logical_partitioning`; `config.sharding.rules` maps them to mesh axes:
+
+    "embed"  model width          "mlp"   MLP hidden width
+    "heads"  attention heads      "kv"    per-head width
+    "vocab"  token table rows     None    small or odd dims (positions, patch
+                                          kernel spatial/channel dims)
+
+Activations carry `nn.with_logical_constraint` with *separate* names
+("act_batch", "act_len", "act_embed", "act_mlp", "act_heads", "act_kv") so an
+activation rule never claims the mesh axis a parameter rule already uses in
+the same array. Outside `nn.logical_axis_rules(...)` + `jax.set_mesh(...)`
+both are no-ops, so the modules run plainly on one CPU.
+
+Numerics follow Hugging Face ViT/BERT so weights move by re-keying alone:
+exact (erf) GELU, LayerNorm with two-pass variance, attention logits scaled
+after the q.k product. LayerNorm, logits and softmax run in float32 whatever
+the compute dtype; parameters are always float32.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# HF's `initializer_range` default for ViT and BERT (normal, std 0.02).
+default_init = nn.initializers.normal(stddev=0.02)
+
+# Activation logical names (kept apart from the parameter names on purpose).
+ACT_EMBED = ("act_batch", "act_len", "act_embed")
+ACT_MLP = ("act_batch", "act_len", "act_mlp")
+ACT_HEADS = ("act_batch", "act_len", "act_heads", "act_kv")
+
+
+def constrain(x, names):
+  """`nn.with_logical_constraint`; a no-op without rules and a mesh."""
+  return nn.with_logical_constraint(x, names)
+
+
+class DenseGeneral(nn.Module):
+  """nn.DenseGeneral with float32 params whose kernel/bias carry logical names.
+
+  Own module rather than nn.DenseGeneral(kernel_init=with_logical_partitioning
+  (...)): flax 0.12.8's DenseGeneral initialises multi-dim kernels at a
+  flattened 2-D shape and unboxes that, which applies the 3-name constraint to
+  a rank-2 array and raises whenever a mesh is set (jax.set_mesh). Same param
+  names and shapes as nn.DenseGeneral.
+  """
+  features: int | tuple[int, ...]
+  names: tuple[str | None, ...]   # kernel names: contracted dims, then output dims
+  axis: int | tuple[int, ...] = -1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  kernel_init: Any = default_init
+
+  @nn.compact
+  def __call__(self, x):
+    """x: [..., *in_dims] -> [..., *features] in self.dtype."""
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+    axis = tuple(a % x.ndim for a in axis)
+    if len(self.names) != len(axis) + len(features):
+      raise ValueError(f"names={self.names} must name {len(axis)} input + {len(features)} "
+                       f"output dims.")
+    in_shape = tuple(x.shape[a] for a in axis)
+
+    def init(rng, shape, dtype):
+      # Fan-in/fan-out initialisers see the 2-D [prod(in), prod(out)] matrix.
+      flat = (int(np.prod(in_shape)), int(np.prod(features)))
+      return self.kernel_init(rng, flat, dtype).reshape(shape)
+
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.names)),
+                        in_shape + features, jnp.float32)
+    dims = ((axis, tuple(range(len(axis)))), ((), ()))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), dims)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, tuple(self.names[len(axis):])), features, jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def dense(features, names, *, axis=-1, dtype=jnp.float32, use_bias=True,
+          kernel_init=default_init, name=None):
+  """A DenseGeneral; `names` are the kernel's logical axis names, e.g.
+  ("embed", "heads", "kv") for [E] -> [H, D]; the bias takes the output names."""
+  return DenseGeneral(features=features, names=tuple(names), axis=axis, use_bias=use_bias,
+                      dtype=dtype, kernel_init=kernel_init, name=name)
+
+
+class Embed(nn.Module):
+  """Lookup table `embedding` [num, features] (float32) with logical names.
+
+  The table is gathered whole (constrained replicated) before the lookup, as
+  FSDP does for every weight: a gather from a table sharded over its rows
+  and columns into batch-sharded activations makes GSPMD fall back to
+  "involuntary full rematerialization" of the output instead.
+  """
+  num_embeddings: int
+  features: int
+  names: tuple[str | None, str | None] = ("vocab", "embed")
+
+  @nn.compact
+  def __call__(self, ids):
+    """ids: int [...] -> float32 [..., features]."""
+    table = self.param("embedding", nn.with_logical_partitioning(default_init, self.names),
+                       (self.num_embeddings, self.features), jnp.float32)
+    table = constrain(table, (None, None))
+    return jnp.take(table, ids, axis=0)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis in float32, output in the compute dtype.
+
+  Params `scale`, `bias` [E] ("embed",). Two-pass variance, as
+  torch.nn.LayerNorm: the fast E[x^2]-E[x]^2 form drifts from HF outputs.
+  """
+  epsilon: float = 1e-12
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x: [..., E] -> [..., E] in self.dtype."""
+    width = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (width,), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                      (width,), jnp.float32)
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return y.astype(self.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head (self- or cross-) attention with q/k/v/out biases.
+
+  Queries come from `inputs_q`, keys and values from `inputs_kv` (the same
+  array for self-attention; the other stream for co-attention fusion).
+  Kernels: query/key/value [E_in, heads, kv], out [heads, kv, E_out], the
+  layout HF's [H*D, E] Linear weights map to by transpose + reshape.
+  """
+  num_heads: int
+  head_dim: int
+  out_features: int | None = None   # default: width of inputs_q
+  dropout: float = 0.0              # on the attention probabilities
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv, kv_mask=None, deterministic=True):
+    """Attends from inputs_q to inputs_kv.
+
+    Args:
+      inputs_q: [B, Lq, Eq].
+      inputs_kv: [B, Lk, Ekv].
+      kv_mask: optional bool [B, Lk]; True = real token. False keys get no
+        weight (a query row whose keys are all masked gets uniform weights,
+        like HF's additive float-min mask).
+      deterministic: False applies dropout with the 'dropout' rng.
+
+    Returns:
+      [B, Lq, out_features or Eq] in self.dtype.
+    """
+    out_features = self.out_features or inputs_q.shape[-1]
+    qkv_shape = (self.num_heads, self.head_dim)
+    names = ("embed", "heads", "kv")
+    inputs_q = inputs_q.astype(self.dtype)
+    inputs_kv = inputs_kv.astype(self.dtype)
+    q = dense(qkv_shape, names, dtype=self.dtype, name="query")(inputs_q)
+    k = dense(qkv_shape, names, dtype=self.dtype, name="key")(inputs_kv)
+    v = dense(qkv_shape, names, dtype=self.dtype, name="value")(inputs_kv)
+    q, k, v = (constrain(t, ACT_HEADS) for t in (q, k, v))   # [B, L, H, D]
+
+    # Logits in float32 even for bf16 inputs; scaled after the product, as HF.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (self.head_dim ** -0.5)
+    if kv_mask is not None:
+      if kv_mask.shape != inputs_kv.shape[:2]:
+        raise ValueError(f"kv_mask has shape {kv_mask.shape}; expected [B, Lk] = "
+                         f"{inputs_kv.shape[:2]} to match inputs_kv {inputs_kv.shape}.")
+      big_neg = jnp.finfo(jnp.float32).min
+      logits = jnp.where(kv_mask[:, None, None, :].astype(bool), logits, big_neg)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)   # [B, H, Lq, Lk]
+    probs = nn.Dropout(self.dropout)(probs, deterministic=deterministic)
+
+    ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    ctx = constrain(ctx, ACT_HEADS)
+    out = dense(out_features, ("heads", "kv", "embed"), axis=(-2, -1),
+                dtype=self.dtype, name="out")(ctx)
+    return constrain(out, ACT_EMBED)
+
+
+class Mlp(nn.Module):
+  """fc1 -> exact (erf) GELU -> fc2; HF ViTMLP / BertIntermediate+BertOutput.dense."""
+  hidden_dim: int
+  out_dim: int | None = None   # default: input width
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x: [B, L, E] -> [B, L, out_dim or E]."""
+    out_dim = self.out_dim or x.shape[-1]
+    h = dense(self.hidden_dim, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
+    h = nn.gelu(h, approximate=False)   # HF "gelu" is the erf form
+    h = constrain(h, ACT_MLP)
+    y = dense(out_dim, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
+    return constrain(y, ACT_EMBED)
+
+
+class TransformerBlock(nn.Module):
+  """Self-attention + MLP block; `pre_norm` picks ViT (True) or BERT (False).
+
+    pre-LN  (ViT):   x = x + drop(attn(norm1(x)));  x = x + drop(mlp(norm2(x)))
+    post-LN (BERT):  x = norm1(x + drop(attn(x)));  x = norm2(x + drop(mlp(x)))
+
+  Params: norm1, attn (query, key, value, out), norm2, mlp (fc1, fc2).
+  """
+  num_heads: int
+  mlp_dim: int
+  pre_norm: bool
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  layer_norm_eps: float = 1e-12
+
+  @nn.compact
+  def __call__(self, x, mask=None, deterministic=True):
+    """x: [B, L, E]; mask: optional bool [B, L] over keys -> [B, L, E]."""
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"width={width} is not divisible by num_heads={self.num_heads}.")
+    norm1 = LayerNorm(self.layer_norm_eps, self.dtype, name="norm1")
+    norm2 = LayerNorm(self.layer_norm_eps, self.dtype, name="norm2")
+    attn = MultiHeadAttention(num_heads=self.num_heads, head_dim=width // self.num_heads,
+                              dropout=self.dropout, dtype=self.dtype, name="attn")
+    mlp = Mlp(self.mlp_dim, dtype=self.dtype, name="mlp")
+    drop = nn.Dropout(self.dropout)
+
+    x = constrain(x.astype(self.dtype), ACT_EMBED)
+    if self.pre_norm:
+      h = norm1(x)
+      x = x + drop(attn(h, h, mask, deterministic), deterministic=deterministic)
+      x = x + drop(mlp(norm2(x)), deterministic=deterministic)
+    else:
+      x = norm1(x + drop(attn(x, x, mask, deterministic), deterministic=deterministic))
+      x = norm2(x + drop(mlp(x), deterministic=deterministic))
+    return constrain(x, ACT_EMBED)

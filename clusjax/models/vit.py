@@ -1,0 +1,98 @@
+"""Image encoder: a Vision Transformer with the architecture of HF `ViTModel`.
+
+    images [B, H, W, 3] float (normalised) --patch conv--> [B, N, W]
+    --> [CLS] + tokens + position embeddings --> depth x pre-LN block
+    --> final LayerNorm --> last_hidden_state [B, 1+N, W]
+
+Same layers, order and numerics as transformers 5.23 `ViTModel` without its
+pooler, so `clusjax.export.hf_convert` moves weights both ways by re-keying
+and transposing alone.
+
+Params (top level): patch_embed {kernel [P, P, 3, W], bias [W]},
+cls_token [1, 1, W], pos_embed [1, 1+N, W], block_0 .. block_{depth-1}
+(see layers.TransformerBlock), final_norm {scale, bias}.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from clusjax.models.layers import (ACT_EMBED, LayerNorm, TransformerBlock, constrain,
+                                   default_init)
+
+Dtype = Any
+
+
+class ViT(nn.Module):
+  """ViT encoder returning all tokens after the final LayerNorm.
+
+  No pooler: Clus projects the CLS token with its own ITC head, and an unused
+  tanh pooler would only collect weight decay. Export targets
+  `ViTModel(config, add_pooling_layer=False)` (see export/hf_convert.py).
+  """
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32          # compute dtype; params stay float32
+  layer_norm_eps: float = 1e-12       # HF ViTConfig default
+
+  @nn.compact
+  def __call__(self, images, deterministic=True):
+    """Encodes images.
+
+    Args:
+      images: float [B, H, W, 3], already normalised as HF ViTImageProcessor
+        does ((x / 255 - 0.5) / 0.5). H and W must be multiples of patch_size;
+        the position-embedding length is fixed by the image size at init.
+      deterministic: False applies dropout with the 'dropout' rng.
+
+    Returns:
+      last_hidden_state [B, 1 + (H/P)*(W/P), width] in self.dtype; token 0 is CLS.
+    """
+    if images.ndim != 4:
+      raise ValueError(f"ViT expects images [B, H, W, C]; got shape {images.shape}.")
+    b, h, w, _ = images.shape
+    p = self.patch_size
+    if h % p or w % p:
+      raise ValueError(
+          f"ViT: image size {h}x{w} (images.shape={images.shape}) is not divisible by "
+          f"patch_size={p}; resize or crop the images to a multiple of {p}.")
+
+    # A stride-P conv is a linear map of each flattened P x P x 3 patch (HF's
+    # Conv2d projection); row-major flatten of the patch grid as HF's flatten(2).
+    x = nn.Conv(
+        self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+        param_dtype=jnp.float32, name="patch_embed",
+        kernel_init=nn.with_logical_partitioning(default_init, (None, None, None, "embed")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+    )(images.astype(self.dtype))
+    x = x.reshape(b, (h // p) * (w // p), self.width)
+
+    cls = self.param("cls_token", nn.with_logical_partitioning(default_init, (None, None, "embed")),
+                     (1, 1, self.width), jnp.float32)
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)), x], axis=1)
+
+    n = x.shape[1]
+    if self.has_variable("params", "pos_embed"):
+      # Flax would raise a bare shape-mismatch error; name the image size instead.
+      init_n = nn.meta.unbox(self.get_variable("params", "pos_embed")).shape[1]
+      if init_n != n:
+        raise ValueError(
+            f"ViT: images {h}x{w} give {n - 1} patches of {p}px but the model was "
+            f"initialised for {init_n - 1} patches; use the image size from init.")
+    pos = self.param("pos_embed", nn.with_logical_partitioning(default_init, (None, None, "embed")),
+                     (1, n, self.width), jnp.float32)
+    x = x + pos.astype(self.dtype)
+    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    x = constrain(x, ACT_EMBED)
+
+    for i in range(self.depth):
+      x = TransformerBlock(
+          num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=True, dropout=self.dropout,
+          dtype=self.dtype, layer_norm_eps=self.layer_norm_eps, name=f"block_{i}",
+      )(x, None, deterministic)
+    x = LayerNorm(self.layer_norm_eps, self.dtype, name="final_norm")(x)
+    return constrain(x, ACT_EMBED)

@@ -1,0 +1,1 @@
+"""Mesh creation and logical -> mesh axis rules."""

@@ -1,0 +1,1 @@
+"""State, train step, optimizer, checkpointing and the loop."""

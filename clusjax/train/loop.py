@@ -1,0 +1,145 @@
+"""The training loop, top to bottom (big_vision style).
+
+    mesh -> data + tokenizer -> model + optimizer -> state (init or resume)
+    -> compiled step -> loop (log, checkpoint) -> final checkpoint
+
+Everything stateful (checkpoints, logging, the data iterator) lives here; the
+step itself is the pure function in `clusjax/train/step.py`.
+"""
+import math
+import os
+import shutil
+import time
+
+import jax
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from clusjax import workdir as wd
+from clusjax.config import validate
+from clusjax.data import Tokenizer, make_source, make_train_iterator
+from clusjax.models.clus import build_model
+from clusjax.parallel.mesh import (batch_sharding, create_mesh, mesh_context,
+                                   per_device_bytes, rules_from_config)
+from clusjax.train.checkpoint import Checkpointer
+from clusjax.train.metrics_writer import MetricWriter
+from clusjax.train.optimizer import make_optimizer
+from clusjax.train.state import abstract_state, dummy_batch, init_state
+from clusjax.train.step import make_train_step
+
+# Captions read to train a tokenizer when the config names none.
+TOKENIZER_TRAIN_CAPTIONS = 50_000
+
+
+def get_tokenizer(config, workdir, train_source):
+  """The workdir's tokenizer: copied from config.data.tokenizer, or trained.
+
+  Once in the workdir it is reused as is (resume, eval, export).
+  """
+  file = wd.path(workdir, wd.TOKENIZER_FILE)
+  if jax.process_index() == 0 and not os.path.exists(file):
+    if config.data.tokenizer:
+      if not os.path.exists(config.data.tokenizer):
+        raise FileNotFoundError(f"config.data.tokenizer={config.data.tokenizer!r} does not exist.")
+      shutil.copyfile(config.data.tokenizer, file)
+    else:
+      n = min(len(train_source), TOKENIZER_TRAIN_CAPTIONS)
+      captions = [train_source[i]["caption"] for i in range(n)]
+      Tokenizer.train(captions, file, config.data.vocab_size)
+      print(f"Trained a SentencePiece tokenizer on {n} captions -> {file}", flush=True)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("tokenizer")
+  return Tokenizer.load(file)
+
+
+def _global_batch(local_batch, sharding):
+  """Host-local numpy batch -> global jax.Arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in local_batch.items()}
+
+
+def compile_train_step(model, tx, schedule, config, mesh, rules, state_shapes,
+                       state_shardings):
+  """Lowers and compiles the step ahead of time; returns the executable."""
+  sharding = batch_sharding(mesh, rules)
+  batch_shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+                  for k, v in dummy_batch(config, config.train.batch_size).items()}
+  step = jax.jit(make_train_step(model, tx, schedule, config),
+                 in_shardings=(state_shardings, sharding),
+                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+  with mesh_context(mesh, rules):
+    return step.lower(state_shapes, batch_shapes).compile()
+
+
+def _describe(mesh, state):
+  params = sum(x.size for x in jax.tree.leaves(state.params))
+  mib = 2.0 ** 20
+  return (f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} devices; "
+          f"{params / 1e6:.2f}M params; per device: params "
+          f"{per_device_bytes(state.params) / mib:.1f} MiB, optimizer state "
+          f"{per_device_bytes(state.opt_state) / mib:.1f} MiB")
+
+
+def train(config, workdir):
+  """Trains (or resumes) in `workdir`; returns (model, final state, tokenizer)."""
+  validate(config, jax.device_count())
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    wd.save_config(config, workdir)
+  mesh, rules = create_mesh(config.mesh), rules_from_config(config)
+
+  train_source = make_source(config.data, config.data.train_split)
+  tokenizer = get_tokenizer(config, workdir, train_source)
+  model = build_model(config, tokenizer.vocab_size)
+  num_steps = config.train.num_steps
+  tx, schedule = make_optimizer(config.optim, num_steps)
+  state_shapes, state_shardings = abstract_state(model, tx, config, mesh, rules)
+
+  data_iter = make_train_iterator(
+      train_source, global_batch_size=config.train.batch_size, seed=config.data.seed,
+      image_size=config.data.image_size, tokenizer=tokenizer,
+      max_text_len=config.data.max_text_len, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_workers=config.data.num_workers)
+  ckpt = Checkpointer(wd.path(workdir, wd.CHECKPOINT_DIR),
+                      keep=config.train.keep_checkpoints, every=config.train.checkpoint_every)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(state_shapes, data_iter)
+    if is_main:
+      print(f"Resumed from step {int(state.step)} in {workdir}", flush=True)
+  else:
+    state = init_state(model, tx, config, state_shardings)
+  if is_main:
+    print(_describe(mesh, state), flush=True)
+
+  step_fn = compile_train_step(model, tx, schedule, config, mesh, rules, state_shapes,
+                               state_shardings)
+  sharding = batch_sharding(mesh, rules)
+  start = int(state.step)
+  writer = MetricWriter(workdir, enabled=is_main, start_step=start)
+  bar = tqdm(total=num_steps, initial=start, disable=not is_main, unit="step",
+             dynamic_ncols=True)
+  log_every = config.train.log_every
+  window_start, window_steps = time.perf_counter(), 0
+  for step in range(start, num_steps):
+    state, metrics = step_fn(state, _global_batch(next(data_iter), sharding))
+    window_steps += 1
+    done = step + 1
+    if done % log_every == 0 or done == num_steps:
+      metrics = jax.device_get(metrics)
+      loss = float(metrics["loss"])
+      if not math.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss} at step {done}; lower config.optim.learning_rate.")
+      elapsed = time.perf_counter() - window_start
+      metrics["examples_per_sec"] = window_steps * config.train.batch_size / elapsed
+      writer.write(done, metrics)
+      bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{metrics['examples_per_sec']:.0f}")
+      window_start, window_steps = time.perf_counter(), 0
+    bar.update(1)
+    ckpt.maybe_save(done, state, data_iter)
+  bar.close()
+  ckpt.maybe_save(num_steps, state, data_iter, force=True)
+  ckpt.close()
+  writer.close()
+  return model, state, tokenizer
+

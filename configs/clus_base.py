@@ -1,0 +1,116 @@
+"""Clus-Base (Sun et al. 2024) and its CPU-sized variant.
+
+    python launch/main.py --config=configs/clus_base.py            # Clus-Base
+    python launch/main.py --config=configs/clus_base.py:tiny       # laptop size
+    python launch/main.py --config=configs/clus_base.py:tiny --config.train.num_steps=100
+
+Every knob an experiment changes lives here; the code reads it, never a global.
+`clusjax.config.validate` checks types and values before anything compiles.
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+  """Returns the config; `arg` selects a variant: None (Base) or "tiny"."""
+  if arg not in (None, "", "base", "tiny"):
+    raise ValueError(f"configs/clus_base.py:{arg}: unknown variant; use ':tiny' or nothing (Base).")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Activations and matmuls; parameters and optimizer state stay float32.
+  c.dtype = "float32"
+
+  # Mesh axis sizes; -1 = all devices left. Batch is split over data x fsdp.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding = ml_collections.ConfigDict()
+  # Logical axis name -> mesh axes (MaxText style). Parameter names and
+  # activation names ("act_*") are kept apart so they never claim the same
+  # mesh axis twice in one array.
+  c.sharding.rules = (
+      ("batch", ("data", "fsdp")),
+      ("act_batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv", None),
+      ("vocab", "tensor"),
+      ("act_len", None),
+      ("act_embed", None),
+      ("act_mlp", "tensor"),
+      ("act_heads", "tensor"),
+      ("act_kv", None),
+  )
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "shapes"          # shapes | tfds | jsonl
+  c.data.data_dir = ""            # TFDS data dir; "" = TFDS default
+  c.data.image_size = 224
+  c.data.seed = 0
+  c.data.shapes_num_train = 100_000
+  c.data.shapes_num_val = 1_000
+  c.data.shapes_num_test = 1_000
+  c.data.tfds_name = ""           # e.g. coco_captions, when name=tfds
+  c.data.image_key = "image"
+  c.data.caption_key = "caption"
+  c.data.jsonl = ml_collections.ConfigDict(dict(train="", val="", test=""))
+  c.data.train_split = "train"
+  c.data.eval_split = "test"
+  c.data.max_text_len = 32
+  c.data.tokenizer = ""           # SentencePiece model path; "" = train one
+  c.data.vocab_size = 30_522      # upper bound when training the tokenizer
+  c.data.num_workers = 0          # Grain worker processes
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vision = ml_collections.ConfigDict(
+      dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072))
+  c.model.text = ml_collections.ConfigDict(
+      dict(width=768, depth=12, num_heads=12, mlp_dim=3072))
+  c.model.embed_dim = 256         # ITC projection width (ALBEF)
+  c.model.dropout = 0.0
+  c.model.temperature_init = 0.06  # learnable ITC temperature, clipped like ALBEF
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.itc_weight = 1.0
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-4
+  c.optim.warmup_frac = 0.05      # linear warm-up over the first 5% of steps
+  c.optim.end_lr_frac = 0.0       # cosine decays to learning_rate * end_lr_frac
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.weight_decay = 0.01
+  c.optim.grad_clip_norm = 0.0    # 0 = no clipping
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 2048       # global batch (all devices, all hosts)
+  c.train.num_steps = 100_000
+  c.train.log_every = 50
+  c.train.checkpoint_every = 1_000
+  c.train.keep_checkpoints = 3
+  c.train.eval_at_end = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 256
+  c.eval.num_examples = 1_000     # test examples for retrieval
+  c.eval.evaluators = ("retrieval", "zeroshot")
+
+  if arg == "tiny":
+    _tiny(c)
+  return c
+
+
+def _tiny(c):
+  """A CPU-sized Clus on the built-in shapes: trains in minutes on 2 cores."""
+  c.data.image_size = 64
+  c.data.shapes_num_train = 20_000
+  c.data.max_text_len = 32
+  c.data.vocab_size = 256
+  c.model.vision = ml_collections.ConfigDict(
+      dict(patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512))
+  c.model.text = ml_collections.ConfigDict(
+      dict(width=128, depth=4, num_heads=4, mlp_dim=512))
+  c.optim.learning_rate = 1e-3
+  c.train.batch_size = 128
+  c.train.num_steps = 600
+  c.train.log_every = 20
+  c.train.checkpoint_every = 100
+  c.eval.batch_size = 250

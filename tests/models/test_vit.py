@@ -1,0 +1,82 @@
+"""ViT: shapes, annotations, errors, sharding, and equality with HF ViTModel."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clusjax.export import vit_config_to_hf, vit_params_from_hf, vit_params_to_hf
+from clusjax.models import ViT
+from tests.models.test_layers import (assert_logically_annotated, assert_sharded_matches,
+                                      randomize)
+
+CFG = dict(patch_size=8, width=64, depth=2, num_heads=4, mlp_dim=128)
+IMAGE_HW = (32, 48)   # non-square on purpose: 4 x 6 = 24 patches
+
+
+def _images(batch=2, hw=IMAGE_HW, seed=0):
+  return jax.random.uniform(jax.random.key(seed), (batch, *hw, 3), minval=-1.0, maxval=1.0)
+
+
+@pytest.fixture(scope="module")
+def boxed():
+  return ViT(**CFG).init(jax.random.key(0), _images())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_shapes_and_dtypes(boxed, dtype):
+  model = ViT(**CFG, dtype=dtype)
+  params = nn.unbox(boxed)
+  out = model.apply(params, _images())
+  assert out.shape == (2, 1 + 24, 64)
+  assert out.dtype == dtype
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+  if dtype == jnp.bfloat16:   # the bf16 path computes the same function, roughly
+    ref = ViT(**CFG).apply(params, _images())
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.15)
+
+
+def test_every_param_logically_annotated(boxed):
+  assert_logically_annotated(boxed)
+  p = boxed["params"]
+  assert set(p) == {"patch_embed", "cls_token", "pos_embed", "block_0", "block_1", "final_norm"}
+  assert p["patch_embed"]["kernel"].names == (None, None, None, "embed")
+  assert p["pos_embed"].names == (None, None, "embed")
+  assert p["pos_embed"].value.shape == (1, 25, 64)
+  assert p["block_0"]["attn"]["key"]["kernel"].names == ("embed", "heads", "kv")
+  assert p["block_0"]["mlp"]["fc1"]["kernel"].names == ("embed", "mlp")
+  assert p["block_0"]["mlp"]["fc2"]["kernel"].names == ("mlp", "embed")
+
+
+def test_rejects_bad_image_sizes(boxed):
+  with pytest.raises(ValueError, match=r"image size 30x48 .* not divisible by patch_size=8"):
+    ViT(**CFG).init(jax.random.key(0), _images(hw=(30, 48)))
+  with pytest.raises(ValueError, match=r"images 32x32 give 16 patches .* initialised for 24"):
+    ViT(**CFG).apply(nn.unbox(boxed), _images(hw=(32, 32)))
+
+
+def test_sharded_forward_matches_unsharded(boxed):
+  assert_sharded_matches(ViT(**CFG), boxed, _images(batch=4))
+
+
+def test_matches_hf_vit_model(boxed):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  params = randomize(nn.unbox(boxed)["params"])
+  images = _images(seed=3)
+  ours = np.asarray(ViT(**CFG).apply({"params": params}, images))
+
+  state_dict = vit_params_to_hf(params, num_heads=CFG["num_heads"])
+  assert "layers.0.attention.q_proj.weight" in state_dict   # transformers 5.x naming
+  config = transformers.ViTConfig(**vit_config_to_hf(**CFG, image_size=IMAGE_HW),
+                                  attn_implementation="eager")
+  hf = transformers.ViTModel(config, add_pooling_layer=False).eval()
+  hf.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
+  with torch.no_grad():
+    pixels = torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy())   # NHWC -> NCHW
+    theirs = hf(pixel_values=pixels).last_hidden_state.numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+
+  # And back: HF state dict -> our params, unchanged.
+  back = vit_params_from_hf(hf.state_dict(), num_heads=CFG["num_heads"])
+  jax.tree.map(np.testing.assert_array_equal, back, params)

@@ -1,0 +1,74 @@
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from clusjax.config import ConfigError, resolve_mesh_shape, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import clus_base  # noqa: E402
+
+
+def test_base_config_is_the_paper():
+  c = clus_base.get_config()
+  assert (c.model.vision.patch_size, c.model.vision.width, c.model.vision.depth) == (16, 768, 12)
+  assert c.data.image_size == 224 and c.model.text.depth == 12
+  assert c.train.batch_size == 2048 and c.model.embed_dim == 256
+  assert (c.optim.b1, c.optim.b2, c.optim.weight_decay) == (0.9, 0.999, 0.01)
+  assert (c.optim.learning_rate, c.optim.warmup_frac) == (1e-4, 0.05)
+  assert c.model.temperature_init == 0.06
+  validate(c, num_devices=8)
+  validate(clus_base.get_config("tiny"), num_devices=8)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.batch_size", 30, "config.train.batch_size=30 is not divisible"),
+    ("model.vision.patch_size", 7, "config.model.vision.patch_size=7"),
+    ("model.text.num_heads", 5, "config.model.text.width=128 is not divisible"),
+    ("data.name", "imagenet", "config.data.name='imagenet'"),
+    ("optim.learning_rate", -1.0, "config.optim.learning_rate=-1.0"),
+    ("dtype", "float16", "config.dtype='float16'"),
+])
+def test_validate_names_the_bad_key(key, value, message):
+  c = clus_base.get_config("tiny")
+  node = c
+  *parents, leaf = key.split(".")
+  for p in parents:
+    node = node[p]
+  with c.unlocked():
+    node[leaf] = value
+  with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    validate(c, num_devices=8)
+
+
+def test_mesh_resolution():
+  assert resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == dict(data=2, fsdp=2, tensor=2)
+  with pytest.raises(ConfigError, match="config.mesh"):
+    resolve_mesh_shape({"data": 3, "fsdp": 1, "tensor": 1}, 8)
+
+
+def _run_main(*args):
+  start = time.perf_counter()
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "main.py"),
+                         "--config=" + os.path.join(ROOT, "configs", "clus_base.py:tiny"),
+                         "--workdir=/tmp/clusjax_never_created", *args],
+                        capture_output=True, text=True, timeout=60)
+  return proc, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("flag,expected", [
+    ("--config.model.no_such_key=1", "config.model.no_such_key"),
+    ("--config.train.batch_size=abc", "config.train.batch_size"),
+    ("--config.model.vision.patch_size=7", "config.model.vision.patch_size=7"),
+    ("--config.train.batch_size=12", "config.train.batch_size=12"),
+])
+def test_cli_rejects_bad_flags_fast(flag, expected):
+  proc, seconds = _run_main(flag)
+  assert proc.returncode != 0
+  assert expected in proc.stderr, proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert seconds < 5, seconds
+  assert not os.path.exists("/tmp/clusjax_never_created")
