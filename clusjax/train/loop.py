@@ -121,8 +121,14 @@ def train(config, workdir):
              dynamic_ncols=True)
   log_every = config.train.log_every
   window_start, window_steps = time.perf_counter(), 0
+  in_flight = None
   for step in range(start, num_steps):
     state, metrics = step_fn(state, _global_batch(next(data_iter), sharding))
+    # Keep one step in flight (the next batch loads while it computes) but
+    # no more, so the progress bar and examples/s show real progress.
+    if in_flight is not None:
+      jax.block_until_ready(in_flight)
+    in_flight = metrics["loss"]
     window_steps += 1
     done = step + 1
     if done % log_every == 0 or done == num_steps:
