@@ -110,7 +110,7 @@ def _tiny(c):
       dict(width=128, depth=4, num_heads=4, mlp_dim=512))
   c.optim.learning_rate = 1e-3
   c.train.batch_size = 128
-  c.train.num_steps = 600
+  c.train.num_steps = 450
   c.train.log_every = 20
   c.train.checkpoint_every = 100
   c.eval.batch_size = 250
