@@ -4,6 +4,7 @@
     img = model.encode_image(images)        # uint8 [B, H, W, 3] -> float32 [B, 256]
     txt = model.encode_text(["a small red circle on the left."])
     sim = img @ txt.T                       # cosine similarities
+    p = model.itm_score(images, texts)      # match probability of (images[i], texts[i])
 """
 import functools
 
@@ -15,6 +16,7 @@ from clusjax.data import Tokenizer
 from clusjax.models.clus import ClusModel, build_model
 from clusjax.parallel.mesh import create_mesh, rules_from_config
 from clusjax.train.checkpoint import Checkpointer
+from clusjax.train.loop import load_tokenizer
 from clusjax.train.optimizer import make_optimizer
 from clusjax.train.state import abstract_state
 
@@ -34,8 +36,11 @@ class Pretrained:
     self.batch_size = batch_size or config.eval.batch_size
     self._image_fn = jax.jit(functools.partial(model.apply, method=ClusModel.encode_image))
     self._text_fn = jax.jit(functools.partial(model.apply, method=ClusModel.encode_text))
+    self._itm_fn = jax.jit(functools.partial(model.apply, method=ClusModel.itm_logits))
 
-  def _chunked(self, fn, arrays, n):
+  def _chunked(self, fn, arrays):
+    """Applies fn to chunks of the arrays; returns its outputs concatenated (numpy)."""
+    n = len(arrays[0])
     out = []
     for start in range(0, n, self.batch_size):
       chunk = [a[start:start + self.batch_size] for a in arrays]
@@ -43,38 +48,77 @@ class Pretrained:
       pad = self.batch_size - real
       if pad:
         chunk = [np.concatenate([c, np.repeat(c[-1:], pad, axis=0)]) for c in chunk]
-      _, feats = fn({"params": self.params}, *chunk)
-      out.append(np.asarray(feats)[:real])
-    return np.concatenate(out) if out else np.zeros((0, self.config.model.embed_dim), np.float32)
+      result = fn({"params": self.params}, *chunk)
+      out.append(jax.tree.map(lambda x: np.asarray(x)[:real], result))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *out)
 
-  def encode_image(self, images):
-    """uint8 [B, H, W, 3] (H = W = config.data.image_size) -> float32 [B, E], unit norm."""
+  def _check_images(self, images):
     images = np.asarray(images)
     size = self.config.data.image_size
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
       raise ValueError(
-          f"encode_image expects uint8 [B, {size}, {size}, 3], got {images.dtype} {images.shape}.")
-    return self._chunked(self._image_fn, [images], len(images))
+          f"expected images uint8 [B, {size}, {size}, 3], got {images.dtype} {images.shape}.")
+    return images
+
+  def _tokenize(self, texts):
+    if isinstance(texts, str):
+      raise TypeError("expected a list of strings, got one string.")
+    return self.tokenizer.encode(list(texts), self.config.data.max_text_len)
+
+  def image_outputs(self, images):
+    """uint8 [B, H, W, 3] -> (tokens float32 [B, 1+N, Wv], features float32 [B, E])."""
+    images = self._check_images(images)
+    if not len(images):
+      return (np.zeros((0, 0, self.config.model.vision.width), np.float32),
+              np.zeros((0, self.config.model.embed_dim), np.float32))
+    return self._chunked(self._image_fn, [images])
+
+  def text_outputs(self, texts):
+    """list of str -> (tokens float32 [B, L, Wt], mask bool [B, L], features [B, E])."""
+    ids, mask = self._tokenize(texts)
+    if not len(ids):
+      return (np.zeros((0, ids.shape[1], self.config.model.text.width), np.float32), mask,
+              np.zeros((0, self.config.model.embed_dim), np.float32))
+    tokens, feats = self._chunked(self._text_fn, [ids, mask])
+    return tokens, mask, feats
+
+  def encode_image(self, images):
+    """uint8 [B, H, W, 3] (H = W = config.data.image_size) -> float32 [B, E], unit norm."""
+    return self.image_outputs(images)[1]
 
   def encode_text(self, texts):
     """list of str -> float32 [B, E], unit norm."""
-    if isinstance(texts, str):
-      raise TypeError("encode_text expects a list of strings, got one string.")
-    ids, mask = self.tokenizer.encode(list(texts), self.config.data.max_text_len)
-    return self._chunked(self._text_fn, [ids, mask], len(texts))
+    return self.text_outputs(texts)[2]
+
+  def itm_logits(self, image_tokens, text_tokens, text_mask):
+    """Fused match logits (no match, match) [B, 2] of pair i = (image i, text i)."""
+    if len(image_tokens) != len(text_tokens):
+      raise ValueError(f"itm needs as many images ({len(image_tokens)}) as texts "
+                       f"({len(text_tokens)}): pair i is (image i, text i).")
+    if not len(image_tokens):
+      return np.zeros((0, 2), np.float32)
+    return self._chunked(self._itm_fn, [image_tokens, text_tokens, text_mask])
+
+  def itm_score(self, images, texts):
+    """Match probability of each pair (images[i], texts[i]) -> float32 [B] in [0, 1]."""
+    image_tokens, _ = self.image_outputs(images)
+    text_tokens, mask, _ = self.text_outputs(texts)
+    logits = self.itm_logits(image_tokens, text_tokens, mask)
+    return np.asarray(jax.nn.softmax(logits, axis=-1)[:, 1], np.float32)
 
 
 def load_pretrained(workdir, step=None):
   """Loads the latest (or `step`) checkpoint of a training workdir on one device."""
   config = wd.load_config(workdir)
-  tokenizer = Tokenizer.load(wd.path(workdir, wd.TOKENIZER_FILE))
+  tokenizer = load_tokenizer(workdir)
+  ckpt = Checkpointer(wd.path(workdir, wd.CHECKPOINT_DIR), read_only=True)
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint in {wd.path(workdir, wd.CHECKPOINT_DIR)}")
+  config.clustering.max_prototypes = ckpt.k_max(step)   # K_max may grow during a run
   model = build_model(config, tokenizer.vocab_size)
   tx, _ = make_optimizer(config.optim, config.train.num_steps)
   mesh = create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   shapes, _ = abstract_state(model, tx, config, mesh, rules_from_config(config))
-  ckpt = Checkpointer(wd.path(workdir, wd.CHECKPOINT_DIR), read_only=True)
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {wd.path(workdir, wd.CHECKPOINT_DIR)}")
   state = ckpt.restore(shapes, step=step)
   ckpt.close()
   return Pretrained(model, state.params, tokenizer, config)

@@ -6,11 +6,13 @@ This module imports no jax so that `launch/main.py` fails in well under a
 second on a bad flag.
 """
 import math
+import os
 
 MESH_AXES = ("data", "fsdp", "tensor")
 DATA_SOURCES = ("shapes", "tfds", "jsonl")
 DTYPES = ("float32", "bfloat16")
 EVALUATORS = ("retrieval", "zeroshot")
+FUSIONS = ("co_attention", "self_attention")
 
 
 class ConfigError(ValueError):
@@ -126,6 +128,11 @@ def validate(config, num_devices=None):
       raise ConfigError(
           f"config.model.{tower}.width={width} is not divisible by "
           f"config.model.{tower}.num_heads={heads}.")
+  init_from = _check_type(config, "model.text.init_from", (str,), 'a path or ""')
+  if init_from and not os.path.exists(init_from):
+    raise ConfigError(
+        f"config.model.text.init_from={init_from!r} does not exist; give a transformers BERT "
+        f"directory or weights file to start the text tower from, or \"\".")
   patch = _positive_int(config, "model.vision.patch_size")
   if image_size % patch:
     raise ConfigError(
@@ -135,7 +142,45 @@ def validate(config, num_devices=None):
   _number(config, "model.dropout", 0.0, 1.0)
   _number(config, "model.temperature_init", 0.001, 0.5)
 
-  _number(config, "loss.itc_weight", 0.0)
+  fusion = _choice(config, "model.fusion", FUSIONS)
+  _positive_int(config, "model.fusion_depth")
+  for tower in ("vision", "text"):
+    width = config.model[tower].width
+    if width % config.model.text.num_heads:
+      raise ConfigError(
+          f"config.model.{tower}.width={width} is not divisible by "
+          f"config.model.text.num_heads={config.model.text.num_heads} (the fusion heads).")
+  if fusion == "self_attention" and config.model.vision.width != config.model.text.width:
+    raise ConfigError(
+        f"config.model.fusion='self_attention' concatenates the two streams: it needs "
+        f"config.model.vision.width ({config.model.vision.width}) == "
+        f"config.model.text.width ({config.model.text.width}).")
+
+  for key in ("itc_weight", "itm_weight", "mlm_weight", "swap_weight"):
+    _number(config, f"loss.{key}", 0.0)
+  _check_type(config, "loss.swap_prediction", (bool,), "True or False")
+  _number(config, "loss.mlm_probability", 0.0, 1.0, low_open=True)
+
+  # Clustering.
+  num_prototypes = _positive_int(config, "clustering.num_prototypes")
+  max_prototypes = _positive_int(config, "clustering.max_prototypes")
+  if num_prototypes > max_prototypes:
+    raise ConfigError(
+        f"config.clustering.num_prototypes={num_prototypes} exceeds "
+        f"config.clustering.max_prototypes={max_prototypes}.")
+  _number(config, "clustering.temperature", 0.0, low_open=True)
+  _number(config, "clustering.sinkhorn_epsilon", 0.0, low_open=True)
+  _positive_int(config, "clustering.sinkhorn_iters")
+  _check_type(config, "clustering.enabled", (bool,), "True or False")
+  _positive_int(config, "clustering.cluster_every")
+  _positive_int(config, "clustering.queue_size")
+  dim = _positive_int(config, "clustering.dim")
+  if dim > config.model.embed_dim:
+    raise ConfigError(f"config.clustering.dim={dim} exceeds config.model.embed_dim="
+                      f"{config.model.embed_dim}.")
+  _positive_int(config, "clustering.min_samples", allow_zero=True)
+  _number(config, "clustering.eps", 0.0)
+  _check_type(config, "clustering.plots", (bool,), "True or False")
 
   # Optimizer.
   _number(config, "optim.learning_rate", 0.0, low_open=True)
@@ -157,6 +202,7 @@ def validate(config, num_devices=None):
   # Evaluation.
   _positive_int(config, "eval.batch_size")
   _positive_int(config, "eval.num_examples")
+  _positive_int(config, "eval.rerank_k", allow_zero=True)
   evaluators = _check_type(config, "eval.evaluators", (tuple, list), "a tuple of names")
   for name in evaluators:
     if name not in EVALUATORS:
@@ -192,3 +238,10 @@ def validate(config, num_devices=None):
       raise ConfigError(
           f"config.train.batch_size={batch} is not divisible by the batch axes "
           f"data x fsdp ({batch_shards}).")
+
+  queue, rows = config.clustering.queue_size, 2 * batch
+  if queue % rows:
+    raise ConfigError(
+        f"config.clustering.queue_size={queue} must be a multiple of 2 x "
+        f"config.train.batch_size={batch} ({rows} rows: each step writes its image and text "
+        f"features).")

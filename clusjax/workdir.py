@@ -1,7 +1,8 @@
 """What a run writes in its workdir, and where (one place for the names).
 
     <workdir>/config.json        the resolved config of the latest run
-    <workdir>/tokenizer.model    SentencePiece model (trained or copied)
+    <workdir>/tokenizer.model    SentencePiece model (trained or copied), or
+    <workdir>/hf_tokenizer/      the WordPiece tokenizer files of model.text.init_from
     <workdir>/checkpoints/<step> Orbax checkpoints (state + data iterator)
     <workdir>/metrics.jsonl      one line per logged step
     <workdir>/tensorboard/       TensorBoard event files
@@ -14,6 +15,10 @@ import ml_collections
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
+HF_TOKENIZER_DIR = "hf_tokenizer"
+# The files of a transformers tokenizer directory that clusjax reads.
+HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
+                      "special_tokens_map.json")
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 EVAL_RESULTS_FILE = "eval_results.json"

@@ -62,14 +62,43 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict()
   c.model.vision = ml_collections.ConfigDict(
       dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072))
+  # text.init_from: a PyTorch BERT checkpoint (transformers directory or weights file)
+  # to start the text tower from (clusjax.export.import_bert); "" = random init.
   c.model.text = ml_collections.ConfigDict(
-      dict(width=768, depth=12, num_heads=12, mlp_dim=3072))
+      dict(width=768, depth=12, num_heads=12, mlp_dim=3072, init_from=""))
   c.model.embed_dim = 256         # ITC projection width (ALBEF)
   c.model.dropout = 0.0
   c.model.temperature_init = 0.06  # learnable ITC temperature, clipped like ALBEF
+  # Fusion encoder (paper Fig. 5): co_attention (Eq. 2-4) | self_attention
+  # (concatenated streams, about the same parameter count; Table 5 ablation).
+  # Its blocks take the text tower's heads and MLP width.
+  c.model.fusion = "co_attention"
+  c.model.fusion_depth = 6        # co-attention blocks
+
+  # Clustering swap prediction (DESIGN §3).
+  c.clustering = ml_collections.ConfigDict()
+  c.clustering.num_prototypes = 3_000   # prototypes active at the start (k)
+  c.clustering.max_prototypes = 4_096   # K_max, columns of Z
+  c.clustering.temperature = 0.1        # tau_z
+  c.clustering.sinkhorn_epsilon = 0.05
+  c.clustering.sinkhorn_iters = 3
+  # Open number of clusters: every cluster_every steps DBSCAN over the queue
+  # of recent features + the active prototypes sets the prototypes and k.
+  c.clustering.enabled = True
+  c.clustering.cluster_every = 1_000
+  c.clustering.queue_size = 65_536      # rows (image + text features), multiple of 2 x batch
+  c.clustering.dim = 2                  # clustering space: 2 (principal plane, as the paper) or embed_dim
+  c.clustering.min_samples = 0          # DBSCAN minPts; 0 = 2 x dim
+  c.clustering.eps = 0.0                # DBSCAN eps; 0 = elbow of the k-distance curve
+  c.clustering.plots = True             # k-distance / cluster-size plots in <workdir>/clusters
 
   c.loss = ml_collections.ConfigDict()
   c.loss.itc_weight = 1.0
+  c.loss.itm_weight = 1.0
+  c.loss.mlm_weight = 1.0
+  c.loss.swap_weight = 1.0
+  c.loss.swap_prediction = True   # L_z on/off (Table 5 ablation)
+  c.loss.mlm_probability = 0.15   # tokens masked (80% [MASK] / 10% random / 10% kept)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-4
@@ -92,6 +121,7 @@ def get_config(arg=None):
   c.eval.batch_size = 256
   c.eval.num_examples = 1_000     # test examples for retrieval
   c.eval.evaluators = ("retrieval", "zeroshot")
+  c.eval.rerank_k = 16            # ITC top-k re-scored by ITM (0 = ITC ranking only)
 
   if arg == "tiny":
     _tiny(c)
@@ -107,8 +137,21 @@ def _tiny(c):
   c.model.vision = ml_collections.ConfigDict(
       dict(patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512))
   c.model.text = ml_collections.ConfigDict(
-      dict(width=128, depth=4, num_heads=4, mlp_dim=512))
+      dict(width=128, depth=4, num_heads=4, mlp_dim=512, init_from=""))
+  c.model.fusion_depth = 1
+  c.clustering.num_prototypes = 64
+  c.clustering.max_prototypes = 128
+  c.clustering.cluster_every = 100
+  c.clustering.queue_size = 4_096
+  # From scratch, a small model starts with near-identical CLS features
+  # (mean cosine 0.9999 over a batch of captions) and Adam at 1e-3 with
+  # b2 = 0.999 collapses them back to the ln(batch) plateau for ~100 steps.
+  # CLIP's stable settings (b2 0.98, clipping) and a longer warm-up let it
+  # leave that plateau within ~50 steps.
   c.optim.learning_rate = 1e-3
+  c.optim.b2 = 0.98
+  c.optim.grad_clip_norm = 1.0
+  c.optim.warmup_frac = 0.1
   c.train.batch_size = 128
   c.train.num_steps = 450
   c.train.log_every = 20

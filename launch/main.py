@@ -2,6 +2,7 @@
 
     python launch/main.py --config=configs/clus_base.py:tiny --workdir=workdirs/tiny
     python launch/main.py --config=configs/clus_base.py:tiny --workdir=workdirs/tiny --mode=eval
+    python launch/main.py --config=configs/clus_base.py:tiny --workdir=workdirs/tiny --mode=export
     python launch/main.py --config=configs/clus_base.py --config.train.batch_size=512 --workdir=...
 
 Any config key can be overridden with --config.a.b=value. Bad flags and
@@ -17,9 +18,12 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export"],
                           "train: train (or resume) then evaluate; eval: evaluate the latest "
-                          "checkpoint.")
+                          "checkpoint; export: write it for PyTorch / transformers to "
+                          "<workdir>/export.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False,
+                               "--mode=export: replace an existing <workdir>/export.")
 
 
 def _fail(message):
@@ -62,6 +66,17 @@ def main(argv):
   # Orbax and TFDS log every save and read at INFO; keep the console for
   # the progress bar and the run's own messages.
   logging.set_verbosity(logging.WARNING)
+  if _MODE.value == "export":
+    # Reads the workdir's own config; the mesh of --config plays no part.
+    # Orbax warns that a read-only checkpoint directory is read-only.
+    logging.set_verbosity(logging.ERROR)
+    from clusjax.export import export_pytorch
+    try:
+      out = export_pytorch(workdir, overwrite=_OVERWRITE.value)
+    except (FileNotFoundError, FileExistsError) as e:
+      _fail(str(e))
+    print(f"Exported {workdir} to {out} (see {os.path.join(out, 'README.md')}).", flush=True)
+    return
   import jax
   try:
     validate(config, jax.device_count())  # mesh and batch divisibility

@@ -8,7 +8,11 @@ zero-shot classification on it are real tasks a small model learns on a CPU.
 Layout: the image is a 3x3 grid of cells; the five positions are the plus
 pattern of it (left / right / top / bottom / center). A shape is drawn only
 inside its own cell, so shapes never overlap, and shapes in one image have
-distinct positions, so a caption is never ambiguous.
+distinct positions, so a caption is never ambiguous. A shape sits at the
+centre of its cell (JITTER = 0): with random offsets a from-scratch patch-8
+ViT learns the kind of a shape several times slower (supervised, 250 steps
+of 128: 66% kind accuracy with full-cell offsets, 76% with +-1 px, 99%
+centred), and a contrastive model within the tiny budget not at all.
 
 Example i of a split depends only on (seed, split, i, image_size): it is drawn
 from its own RNG, `np.random.default_rng([seed, split_id, i])`, so any prefix
@@ -40,6 +44,7 @@ POSITION_PHRASES = ("on the left", "on the right", "at the top", "at the bottom"
 SPLITS = ("train", "val", "test")
 MAX_SHAPES = 3          # attribute arrays in the TFDS set are [MAX_SHAPES]
 MIN_IMAGE_SIZE = 16
+JITTER = 0.0
 
 # (row, col) of each position's cell in the 3x3 grid.
 _CELLS = ((1, 0), (1, 2), (0, 1), (2, 1), (1, 1))
@@ -131,7 +136,8 @@ def make_example(split, index, image_size, seed=0, *, min_shapes=1, max_shapes=M
            "colour": rng.integers(0, len(COLOURS), n),
            "size": rng.integers(0, len(SIZES), n)}
   template = int(rng.integers(NUM_TEMPLATES))
-  jitter = rng.uniform(0.0, 1.0, (n, 2))
+  # Offset of each shape inside its cell: centred, give or take JITTER of the free room.
+  jitter = 0.5 + JITTER * (rng.uniform(0.0, 1.0, (n, 2)) - 0.5)
 
   image = np.zeros((image_size, image_size, 3), np.uint8)
   extents = half_extents(image_size)
@@ -224,8 +230,9 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
   TensorFlow to encode), caption Text (decodes to bytes), num_shapes int32,
   kind/colour/size/position int32 [MAX_SHAPES].
   """
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Shapes centred in their cells (JITTER = 0)."}
   BUILDER_CONFIGS = []  # configs are made on the fly by prepare_shapes
   # Nothing is downloaded, so no checksums file; TFDS's search for one next to
   # a module inside a package needs importlib_resources (not installed).

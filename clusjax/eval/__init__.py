@@ -1,7 +1,8 @@
 """Evaluators: each has `run(model)` yielding (metric_name, value).
 
-`model` is anything with `encode_image`, `encode_text` and `tokenizer`
-(`clusjax.api.Pretrained`). `config.eval.evaluators` lists which run.
+`model` is a `clusjax.api.Pretrained` (`encode_image`, `encode_text`,
+`image_outputs`, `text_outputs`, `itm_logits`, `tokenizer`).
+`config.eval.evaluators` lists which run.
 """
 import json
 import os

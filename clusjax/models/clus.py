@@ -1,16 +1,27 @@
-"""Clus: ViT image encoder + BERT text encoder with ITC projection heads.
+"""Clus: ViT + BERT towers, ITC heads, co-attention fusion, ITM/MLM heads, prototypes.
 
-    images [B, H, W, 3] uint8 --ViT--> CLS --vision_proj--> L2 norm --> [B, E]
-    ids, mask [B, L]          --BERT--> CLS --text_proj--> L2 norm  --> [B, E]
+    images [B, H, W, 3] uint8 --ViT--> tokens --CLS--> vision_proj --> L2 norm --> [B, E]
+    ids, mask [B, L]          --BERT--> tokens --CLS--> text_proj  --> L2 norm --> [B, E]
+    (image tokens, text tokens) --fusion--> fused streams
+        fused CLS of both streams --itm_head--> [B, 2]      (match / no match)
+        fused text tokens         --mlm_head--> [B, L, V]   (masked-token logits)
+    prototypes Z [E, K_max], unit columns (clustering swap prediction, DESIGN §3)
+
+The training objectives live in clusjax/train/step.py; this module only
+defines the networks. `__call__` runs the two towers (what ITC and the swap
+loss need) and returns their tokens for the fusion methods.
 
 The towers have the architecture of Hugging Face ViTModel / BertModel so
 weights move to and from PyTorch by re-keying (clusjax/export).
 """
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
 from clusjax.models.bert import BertEncoder
+from clusjax.models.fusion import FusionEncoder
+from clusjax.models.layers import LayerNorm, default_init, dense
 from clusjax.models.vit import ViT
 
 # HF ViTImageProcessor's defaults: x / 255, then (x - 0.5) / 0.5.
@@ -28,11 +39,17 @@ def _l2_normalize(x, eps=1e-12):
   return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
+def _unit_columns_init(key, shape, dtype=jnp.float32):
+  z = jax.random.normal(key, shape, dtype)
+  return z / jnp.linalg.norm(z, axis=0, keepdims=True)
+
+
 class ClusModel(nn.Module):
-  """The dual encoder; `__call__` returns the normalised ITC features."""
+  """The Clus networks; `__call__` returns the normalised ITC features and tokens."""
   config: ml_collections.FrozenConfigDict   # the run config's `model` section
   vocab_size: int
   max_text_len: int
+  num_prototypes: int = 1                    # K_max, columns of Z
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
@@ -50,6 +67,20 @@ class ClusModel(nn.Module):
     self.temperature = self.param(
         "temperature", nn.with_logical_partitioning(
             nn.initializers.constant(cfg.temperature_init), ()), (), jnp.float32)
+    self.prototypes = self.param(
+        "prototypes", nn.with_logical_partitioning(_unit_columns_init, ("proj", None)),
+        (cfg.embed_dim, self.num_prototypes), jnp.float32)
+    self.fusion = FusionEncoder(
+        kind=cfg.fusion, depth=cfg.fusion_depth, num_heads=cfg.text.num_heads,
+        mlp_dim=cfg.text.mlp_dim, dropout=cfg.dropout, dtype=self.dtype)
+    # ITM: match / no-match from the two fused CLS tokens, concatenated.
+    self.itm_head = dense(2, ("embed", None), dtype=self.dtype, name="itm_head")
+    # MLM: BERT's prediction head (dense, GELU, LayerNorm, decoder over the vocabulary).
+    self.mlm_transform = dense(cfg.text.width, ("embed", "mlp"), dtype=self.dtype,
+                               name="mlm_transform")
+    self.mlm_norm = LayerNorm(1e-12, self.dtype, name="mlm_norm")
+    self.mlm_decoder = dense(self.vocab_size, ("embed", "vocab"), dtype=self.dtype,
+                             kernel_init=default_init, name="mlm_decoder")
 
   def _projection(self, name):
     return nn.Dense(
@@ -69,11 +100,30 @@ class ClusModel(nn.Module):
     tokens = self.text(ids, mask, deterministic=deterministic)
     return tokens, _l2_normalize(self.text_proj(tokens[:, 0]))
 
+  def itm_logits(self, image_tokens, text_tokens, text_mask, deterministic=True):
+    """Fuses pair i = (image_tokens[i], text_tokens[i]) -> match logits [B, 2] float32."""
+    img, txt = self.fusion(image_tokens, text_tokens, text_mask, deterministic, outputs="cls")
+    cls = jnp.concatenate([img[:, 0], txt[:, 0]], axis=-1)
+    return self.itm_head(cls).astype(jnp.float32)
+
+  def mlm_logits(self, image_tokens, ids, mask, deterministic=True):
+    """Encodes (masked) ids, fuses them with the images -> logits [B, L, V] float32."""
+    text_tokens, _ = self.encode_text(ids, mask, deterministic)
+    _, txt = self.fusion(image_tokens, text_tokens, mask, deterministic, outputs="text")
+    h = nn.gelu(self.mlm_transform(txt), approximate=False)
+    return self.mlm_decoder(self.mlm_norm(h)).astype(jnp.float32)
+
   def __call__(self, images, ids, mask, deterministic=True):
-    _, image_feats = self.encode_image(images, deterministic)
-    _, text_feats = self.encode_text(ids, mask, deterministic)
-    return dict(image_feats=image_feats, text_feats=text_feats,
-                temperature=self.temperature)
+    """The two towers: ITC features, tokens, temperature and unit-norm prototypes."""
+    image_tokens, image_feats = self.encode_image(images, deterministic)
+    text_tokens, text_feats = self.encode_text(ids, mask, deterministic)
+    if self.is_initializing():
+      # Creates the fusion and head params (the step calls them separately).
+      self.itm_logits(image_tokens, text_tokens, mask)
+      self.mlm_logits(image_tokens, ids, mask)
+    return dict(image_feats=image_feats, text_feats=text_feats, image_tokens=image_tokens,
+                text_tokens=text_tokens, temperature=self.temperature,
+                prototypes=_l2_normalize(self.prototypes.T).T)
 
 
 # The embedding table is padded to a multiple of this so that it splits evenly
@@ -90,4 +140,5 @@ def build_model(config, vocab_size):
   return ClusModel(config=ml_collections.FrozenConfigDict(config.model),
                    vocab_size=padded_vocab_size(vocab_size),
                    max_text_len=config.data.max_text_len,
+                   num_prototypes=config.clustering.max_prototypes,
                    dtype=jnp.dtype(config.dtype))

@@ -214,23 +214,40 @@ class Mlp(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-  """Self-attention + MLP block; `pre_norm` picks ViT (True) or BERT (False).
+  """Self-attention (+ cross-attention) + MLP block; `pre_norm` picks ViT or BERT.
 
     pre-LN  (ViT):   x = x + drop(attn(norm1(x)));  x = x + drop(mlp(norm2(x)))
     post-LN (BERT):  x = norm1(x + drop(attn(x)));  x = norm2(x + drop(mlp(x)))
 
-  Params: norm1, attn (query, key, value, out), norm2, mlp (fc1, fc2).
+  With `cross_attention`, a cross-attention sub-layer (queries from x, keys
+  and values from `context`, the other stream) sits between the two, with its
+  own norm `norm_cross`: the BERT layer with cross-attention that ALBEF's
+  fusion uses, and one stream of a co-attention block (paper Eq. 2-4).
+
+  Params: norm1, attn (query, key, value, out), [norm_cross, cross_attn],
+  norm2, mlp (fc1, fc2).
   """
   num_heads: int
   mlp_dim: int
   pre_norm: bool
+  cross_attention: bool = False
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   layer_norm_eps: float = 1e-12
 
   @nn.compact
-  def __call__(self, x, mask=None, deterministic=True):
-    """x: [B, L, E]; mask: optional bool [B, L] over keys -> [B, L, E]."""
+  def __call__(self, x, mask=None, deterministic=True, context=None, context_mask=None,
+               num_queries=None):
+    """x: [B, L, E]; mask: optional bool [B, L] over keys -> [B, L, E].
+
+    context: [B, Lc, Ec] (required with cross_attention); context_mask:
+    optional bool [B, Lc]. num_queries: compute only the first n outputs
+    ([B, n, E]; all L tokens still serve as keys/values), exactly what the
+    full block gives there: a last block whose caller reads only CLS.
+    """
+    if self.cross_attention != (context is not None):
+      raise ValueError(f"TransformerBlock(cross_attention={self.cross_attention}) called "
+                       f"with context={'None' if context is None else context.shape}.")
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width={width} is not divisible by num_heads={self.num_heads}.")
@@ -241,12 +258,25 @@ class TransformerBlock(nn.Module):
     mlp = Mlp(self.mlp_dim, dtype=self.dtype, name="mlp")
     drop = nn.Dropout(self.dropout)
 
+    if self.cross_attention:
+      norm_cross = LayerNorm(self.layer_norm_eps, self.dtype, name="norm_cross")
+      cross = MultiHeadAttention(num_heads=self.num_heads, head_dim=width // self.num_heads,
+                                 dropout=self.dropout, dtype=self.dtype, name="cross_attn")
+
     x = constrain(x.astype(self.dtype), ACT_EMBED)
+    n = x.shape[1] if num_queries is None else num_queries
     if self.pre_norm:
       h = norm1(x)
-      x = x + drop(attn(h, h, mask, deterministic), deterministic=deterministic)
+      x = x[:, :n] + drop(attn(h[:, :n], h, mask, deterministic), deterministic=deterministic)
+      if self.cross_attention:
+        x = x + drop(cross(norm_cross(x), context, context_mask, deterministic),
+                     deterministic=deterministic)
       x = x + drop(mlp(norm2(x)), deterministic=deterministic)
     else:
-      x = norm1(x + drop(attn(x, x, mask, deterministic), deterministic=deterministic))
+      x = norm1(x[:, :n] + drop(attn(x[:, :n], x, mask, deterministic),
+                                deterministic=deterministic))
+      if self.cross_attention:
+        x = norm_cross(x + drop(cross(x, context, context_mask, deterministic),
+                                deterministic=deterministic))
       x = norm2(x + drop(mlp(x), deterministic=deterministic))
     return constrain(x, ACT_EMBED)

@@ -25,12 +25,17 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def maybe_save(self, step, state, data_iter, *, force=False):
-    """Saves at multiples of `every` (or when forced); returns True if it saved."""
+    """Saves at multiples of `every` (or when forced); returns True if it saved.
+
+    Beside the state it records the shapes that can change during a run
+    ({"k_max": prototype columns}), so a restore builds the right target.
+    """
     if not force and step % self.every:
       return False
     if self.manager.latest_step() == step:
       return False
-    args = {"state": ocp.args.StandardSave(state)}
+    args = {"state": ocp.args.StandardSave(state),
+            "meta": ocp.args.JsonSave({"k_max": int(state.active.shape[0])})}
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iter)
     return self.manager.save(step, args=ocp.args.Composite(**args), force=True)
@@ -45,6 +50,14 @@ class Checkpointer:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     return restored["state"]
+
+  def k_max(self, step=None):
+    """K_max (prototype columns) of checkpoint `step` (default latest); None if none."""
+    step = self.manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return int(meta["meta"]["k_max"])
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clusjax.clustering import grow_prototypes
 from clusjax.parallel.mesh import logical_shardings
 
 
@@ -21,6 +22,8 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array        # uint32 [2], raw key data (checkpoint-friendly)
+  active: jax.Array     # bool [K_max]: which prototype columns are clusters now
+  queue: jax.Array      # float32 [Q, d_p]: recent image and text features (ring buffer)
 
 
 def dummy_batch(config, batch_size=1):
@@ -39,8 +42,12 @@ def _init_boxed(rng, model, tx, config):
   params = model.init({"params": init_rng, "dropout": init_rng},
                       batch["image"], batch["text_ids"], batch["text_mask"])["params"]
   # The optimizer state mirrors the boxed params, so it inherits their axes.
+  k_max = config.clustering.max_prototypes
+  active = jnp.arange(k_max) < config.clustering.num_prototypes
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=tx.init(params), rng=state_rng)
+                    opt_state=tx.init(params), rng=state_rng, active=active,
+                    queue=jnp.zeros((config.clustering.queue_size, config.model.embed_dim),
+                                    jnp.float32))
 
 
 def abstract_state(model, tx, config, mesh, rules):
@@ -59,4 +66,39 @@ def init_state(model, tx, config, shardings):
   rng = jax.random.PRNGKey(config.seed)
   init = jax.jit(lambda r: nn.unbox(_init_boxed(r, model, tx, config)),
                  out_shardings=shardings)
-  return init(rng)
+  state = init(rng)
+  if config.model.text.get("init_from"):
+    state = load_text_init(state, config.model.text.init_from)
+  return state
+
+
+# --- config.model.text.init_from: the text tower from a PyTorch BERT checkpoint ---
+
+def load_text_init(state, path):
+  """`state` with params['text'] replaced by the checkpoint at `path`, in place of the init.
+
+  Each leaf keeps its sharding (every process reads the file and places its
+  own shards). Adam's moments are zeros whatever the params, so opt_state
+  stays as initialised.
+  """
+  from clusjax.export.import_bert import import_bert   # torch-free unless a .bin is read
+  text = import_bert(path).text_tower_params(state.params["text"])
+  text = jax.tree.map(
+      lambda old, new: jax.make_array_from_callback(old.shape, old.sharding, lambda i: new[i]),
+      state.params["text"], text)
+  return state.replace(params={**state.params, "text": text})
+
+
+def grow_state(state, k_max):
+  """`state` with K_max prototype columns: Z padded (clustering.grow_prototypes),
+  `active` padded with False, and the prototypes' optimizer state padded with
+  zeros. The caller re-places it in the new shardings."""
+  z, active = grow_prototypes(state.params["prototypes"], state.active, k_max)
+
+  def pad(path, leaf):
+    if any(getattr(k, "key", None) == "prototypes" for k in path) and leaf.ndim == 2:
+      return jnp.pad(leaf, ((0, 0), (0, k_max - leaf.shape[1])))
+    return leaf
+
+  return state.replace(params={**state.params, "prototypes": z}, active=active,
+                       opt_state=jax.tree_util.tree_map_with_path(pad, state.opt_state))

@@ -1,36 +1,172 @@
-"""The pure train step: (state, batch) -> (state, metrics)."""
+"""The pure train step: (state, batch) -> (state, metrics).
+
+The Clus objective (DESIGN §5), each term with its weight in `config.loss`:
+
+    ITC   symmetric InfoNCE over the global batch
+    ITM   match / no-match of the fused pair; per positive one hard negative
+          text and one hard negative image sampled from the global batch
+    MLM   15% of the text tokens masked, predicted from the fused text stream
+    L_z   clustering swap prediction against the active prototypes
+
+A term whose weight is 0 (or `loss.swap_prediction=False`) is not computed at
+all, so an ITC-only run costs what the dual encoder costs.
+"""
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import optax
 
-from clusjax.losses import clip_temperature, itc_loss
+from clusjax.clustering import cluster_prototypes
+from clusjax.losses import (clip_temperature, itc_logits, itc_loss, itm_loss, itm_pairs,
+                            mask_tokens, mlm_loss, sample_hard_negatives,
+                            swap_prediction_loss)
+from clusjax.models.clus import ClusModel
 
 
-def compute_losses(model, params, batch, rng, loss_config):
-  """Forward pass and the weighted objective.
+@dataclasses.dataclass(frozen=True)
+class TextIds:
+  """The token ids the objectives need from the tokenizer."""
+  cls_id: int
+  sep_id: int
+  mask_id: int
+  vocab_size: int        # real (unpadded) vocabulary size
+  first_random_id: int   # MLM's random replacements come from [first_random_id, vocab_size)
 
-  Returns (total loss, dict of per-term scalars for logging).
+  @classmethod
+  def of(cls, tokenizer):
+    special = (tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id)
+    first = max(special) + 1
+    return cls(tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id, tokenizer.vocab_size,
+               first if first < tokenizer.vocab_size else 0)
+
+
+def _weights(loss_config):
+  """{term: weight} of the terms that run."""
+  w = dict(itc=loss_config.itc_weight, itm=loss_config.itm_weight,
+           mlm=loss_config.mlm_weight,
+           swap=loss_config.swap_weight if loss_config.swap_prediction else 0.0)
+  return {k: v for k, v in w.items() if v > 0}
+
+
+def compute_losses(model, params, batch, rng, config, text_ids, active):
+  """Forward passes and the weighted objective.
+
+  Args:
+    active: bool [K_max], the active prototypes.
+  Returns:
+    (total loss, dict of per-term scalars for logging).
   """
-  out = model.apply({"params": params}, batch["image"], batch["text_ids"],
-                    batch["text_mask"], deterministic=False, rngs={"dropout": rng})
-  itc = itc_loss(out["image_feats"], out["text_feats"], out["temperature"])
-  total = loss_config.itc_weight * itc
-  return total, dict(itc=itc, temperature=clip_temperature(out["temperature"]))
+  weights = _weights(config.loss)
+  rngs = dict(zip(("towers", "itm", "mlm", "negatives", "masking"), jax.random.split(rng, 5)))
+  variables = {"params": params}
+  images, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
+
+  out = model.apply(variables, images, ids, mask, deterministic=False,
+                    rngs={"dropout": rngs["towers"]})
+  logits = itc_logits(out["image_feats"], out["text_feats"], out["temperature"])
+  terms = dict(temperature=clip_temperature(out["temperature"]))
+  if "itc" in weights:
+    terms["itc"] = itc_loss(out["image_feats"], out["text_feats"], out["temperature"])
+
+  if "itm" in weights:
+    neg_text, neg_image = sample_hard_negatives(rngs["negatives"], logits)
+    *pair_inputs, labels = itm_pairs(out["image_tokens"], out["text_tokens"], mask,
+                                     neg_text, neg_image)
+    match_logits = model.apply(variables, *pair_inputs, deterministic=False,
+                               rngs={"dropout": rngs["itm"]}, method=ClusModel.itm_logits)
+    terms["itm"], terms["itm_accuracy"] = itm_loss(match_logits, labels)
+
+  if "mlm" in weights:
+    maskable = mask & (ids != text_ids.cls_id) & (ids != text_ids.sep_id)
+    masked_ids, targets = mask_tokens(
+        rngs["masking"], ids, maskable, mask_id=text_ids.mask_id,
+        num_tokens=text_ids.vocab_size, probability=config.loss.mlm_probability,
+        first_random_id=text_ids.first_random_id)
+    token_logits = model.apply(variables, out["image_tokens"], masked_ids, mask,
+                               deterministic=False, rngs={"dropout": rngs["mlm"]},
+                               method=ClusModel.mlm_logits)
+    terms["mlm"], terms["mlm_accuracy"] = mlm_loss(token_logits, ids, targets)
+
+  if "swap" in weights:
+    cc = config.clustering
+    terms["swap"] = swap_prediction_loss(
+        out["image_feats"], out["text_feats"], out["prototypes"], temperature=cc.temperature,
+        epsilon=cc.sinkhorn_epsilon, num_iters=cc.sinkhorn_iters, active=active)
+
+  total = sum(w * terms[k] for k, w in weights.items())
+  return total, (terms, out)
 
 
-def make_train_step(model, tx, schedule, config):
+def normalize_prototypes(params):
+  """Projects the prototype columns back onto the unit sphere (SwAV)."""
+  z = params["prototypes"]
+  z = z / jnp.maximum(jnp.linalg.norm(z, axis=0, keepdims=True), 1e-12)
+  return {**params, "prototypes": z}
+
+
+def push_queue(queue, step, out):
+  """Writes this step's image and text features into the ring buffer `queue`.
+
+  Step s fills rows [(s * 2B) mod Q, ... + 2B): the queue's fill is a
+  function of the step alone (`queue_valid`), so resume needs no pointer.
+  """
+  feats = jax.lax.stop_gradient(
+      jnp.concatenate([out["image_feats"], out["text_feats"]]).astype(queue.dtype))
+  start = (step * feats.shape[0]) % queue.shape[0]
+  return jax.lax.dynamic_update_slice(queue, feats, (start, 0))
+
+
+def queue_valid(queue, step, batch_size):
+  """bool [Q]: the rows written by the first `step` steps."""
+  q = queue.shape[0]
+  return jnp.arange(q) < jnp.minimum(step * 2 * batch_size, q)
+
+
+def reset_prototype_moments(opt_state):
+  """Zeros the optimizer's per-parameter state of the prototypes (Adam's
+  moments): after a clustering step column c is a different cluster."""
+  def reset(path, leaf):
+    hit = any(getattr(k, "key", None) == "prototypes" for k in path)
+    return jnp.zeros_like(leaf) if hit else leaf
+  return jax.tree_util.tree_map_with_path(reset, opt_state)
+
+
+def make_cluster_step(config):
+  """Builds `cluster_step(state) -> (state, stats)`: DBSCAN over the queue and
+  the active prototypes sets new prototypes and `active` (DESIGN §3)."""
+  cc = config.clustering
+
+  def cluster_step(state):
+    valid = queue_valid(state.queue, state.step, config.train.batch_size)
+    z, active, stats = cluster_prototypes(
+        state.queue, valid, state.params["prototypes"], state.active, dim=cc.dim,
+        min_samples=cc.min_samples or None, eps=cc.eps or None)
+    params = {**state.params, "prototypes": z}
+    return state.replace(params=params, active=active,
+                         opt_state=reset_prototype_moments(state.opt_state)), stats
+
+  return cluster_step
+
+
+def make_train_step(model, tx, schedule, config, text_ids):
   """Builds `train_step(state, batch) -> (state, metrics)`, to be jitted."""
-  loss_config = config.loss
+  if not _weights(config.loss):
+    raise ValueError("every loss weight in config.loss is 0: nothing to train.")
 
   def train_step(state, batch):
     rng = jax.random.fold_in(state.rng, state.step)
     grad_fn = jax.value_and_grad(
-        lambda p: compute_losses(model, p, batch, rng, loss_config), has_aux=True)
-    (loss, terms), grads = grad_fn(state.params)
+        lambda p: compute_losses(model, p, batch, rng, config, text_ids, state.active),
+        has_aux=True)
+    (loss, (terms, out)), grads = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = normalize_prototypes(optax.apply_updates(state.params, updates))
     metrics = dict(loss=loss, **terms, learning_rate=schedule(state.step),
-                   grad_norm=optax.global_norm(grads))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+                   grad_norm=optax.global_norm(grads),
+                   num_clusters=jnp.sum(state.active).astype(jnp.int32))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              queue=push_queue(state.queue, state.step, out))
     return new_state, metrics
 
   return train_step

@@ -22,7 +22,8 @@ def _one_step(config, tokenizer, batch, mesh):
   tx, schedule = make_optimizer(config.optim, config.train.num_steps)
   shapes, shardings = abstract_state(model, tx, config, mesh, rules)
   state = init_state(model, tx, config, shardings)
-  step = compile_train_step(model, tx, schedule, config, mesh, rules, shapes, shardings)
+  step = compile_train_step(model, tx, schedule, config, tokenizer, mesh, rules, shapes,
+                            shardings)
   sharding = batch_sharding(mesh, rules)
   global_batch = {k: jax.device_put(v, sharding) for k, v in batch.items()}
   # Two steps so that the second loss sees the first update.
@@ -50,11 +51,12 @@ def test_step_on_8_devices_equals_1_device(data):
   eight = create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   state1, a1, b1 = _one_step(config, tokenizer, batch, one)
   state8, a8, b8 = _one_step(config, tokenizer, batch, eight)
-  for key in ("loss", "itc"):
+  # Every term of the Clus objective, hard-negative sampling and masking included.
+  for key in ("loss", "itc", "itm", "mlm", "swap"):
     np.testing.assert_allclose(a8[key], a1[key], rtol=1e-5)
   # A global norm over ~100 arrays, summed in another order across shards.
   np.testing.assert_allclose(a8["grad_norm"], a1["grad_norm"], rtol=1e-4)
-  for key in ("loss", "itc"):
+  for key in ("loss", "itc", "itm", "mlm", "swap"):
     np.testing.assert_allclose(b8[key], b1[key], rtol=1e-5)
   assert b1["loss"] != a1["loss"]
   flat1 = jax.tree.leaves(jax.device_get(state1.params))
@@ -76,7 +78,8 @@ def _metrics(workdir):
 
 
 def test_resume_from_checkpoint_is_exact(shapes_data_dir, tmp_path):
-  config = micro_config(shapes_data_dir)
+  # Clustering every 2 steps: its prototype updates must resume exactly too.
+  config = micro_config(shapes_data_dir, clustering__cluster_every=2)
   full = tmp_path / "full"
   _, state_full, _ = train(config, str(full))
   assert int(state_full.step) == config.train.num_steps
@@ -90,11 +93,42 @@ def test_resume_from_checkpoint_is_exact(shapes_data_dir, tmp_path):
   (resumed / wd.METRICS_FILE).unlink()
   _, state_resumed, _ = train(config, str(resumed))
 
-  full_losses = {m["step"]: m["loss"] for m in _metrics(full)}
-  resumed_losses = {m["step"]: m["loss"] for m in _metrics(resumed)}
+  full_losses = {m["step"]: m["loss"] for m in _metrics(full) if "loss" in m}
+  resumed_losses = {m["step"]: m["loss"] for m in _metrics(resumed) if "loss" in m}
   assert sorted(resumed_losses) == [4, 5, 6]
   for step in (4, 5, 6):
     np.testing.assert_allclose(resumed_losses[step], full_losses[step], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(jax.device_get(state_full.params)),
                   jax.tree.leaves(jax.device_get(state_resumed.params))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_clustering_sets_k_and_grows_k_max(shapes_data_dir, tmp_path):
+  """DBSCAN between steps: k is logged, plots are written, and when k outgrows
+  K_max the prototypes double (recompiled) and later steps, the checkpoint
+  and load_pretrained all carry the new K_max."""
+  import clusjax
+  from clusjax.train.checkpoint import Checkpointer
+  config = micro_config(shapes_data_dir, clustering__cluster_every=3,
+                        clustering__num_prototypes=1, clustering__max_prototypes=1,
+                        clustering__min_samples=2)
+  workdir = tmp_path / "run"
+  _, state, _ = train(config, str(workdir))
+  logs = [m for m in _metrics(workdir) if "clustering/num_clusters" in m]
+  assert [m["step"] for m in logs] == [3, 6]
+  for m in logs:
+    assert m["clustering/eps"] > 0 and 0 <= m["clustering/noise_fraction"] < 1
+  k = logs[0]["clustering/num_clusters"]
+  assert k >= 2, logs                      # more than the one column it started with
+  k_max = int(state.active.shape[0])
+  assert k_max >= max(m["clustering/num_clusters"] for m in logs) and k_max & (k_max - 1) == 0
+  assert int(state.active.sum()) == logs[-1]["clustering/num_clusters"]
+  z = np.asarray(state.params["prototypes"])
+  np.testing.assert_allclose(np.linalg.norm(z, axis=0), 1.0, rtol=1e-5)
+  assert sorted(p.name for p in (workdir / "clusters").iterdir()) == [
+      "kdistance_3.png", "kdistance_6.png", "sizes_3.png", "sizes_6.png"]
+  ckpt = Checkpointer(str(workdir / wd.CHECKPOINT_DIR), read_only=True)
+  assert ckpt.k_max(3) <= ckpt.k_max(6) == k_max
+  ckpt.close()
+  model = clusjax.load_pretrained(str(workdir))
+  np.testing.assert_array_equal(model.params["prototypes"], z)

@@ -1,0 +1,54 @@
+"""Image-text matching with hard negatives from the global batch (ALBEF)."""
+import jax
+import jax.numpy as jnp
+
+
+def sample_hard_negatives(rng, similarity):
+  """One hard negative text per image and one hard negative image per text.
+
+  Negatives are drawn from the *global* batch with probability
+  softmax(similarity) over the other examples (the positive excluded), as
+  ALBEF does: the more an unmatched pair looks like a match to ITC, the more
+  likely it is picked. With `similarity` sharded over its rows, the softmax
+  runs over the full (global) row, so negatives come from every data shard.
+
+  Args:
+    rng: PRNG key.
+    similarity: [B, B] image-by-text ITC logits (a gradient is not taken).
+  Returns:
+    (negative text index per image [B], negative image index per text [B]), int32.
+  """
+  sim = jax.lax.stop_gradient(similarity).astype(jnp.float32)
+  b = sim.shape[0]
+  if b < 2:
+    raise ValueError(f"hard negatives need a batch of at least 2; got {b}.")
+  eye = jnp.eye(b, dtype=bool)
+  rng_text, rng_image = jax.random.split(rng)
+  neg_text = jax.random.categorical(rng_text, jnp.where(eye, -jnp.inf, sim), axis=1)
+  neg_image = jax.random.categorical(rng_image, jnp.where(eye, -jnp.inf, sim.T), axis=1)
+  return neg_text.astype(jnp.int32), neg_image.astype(jnp.int32)
+
+
+def itm_pairs(image_tokens, text_tokens, text_mask, neg_text, neg_image):
+  """The 3B ITM pairs: B positives, then (image, hard text), then (hard image, text).
+
+  Returns (image tokens [3B, Li, E], text tokens [3B, Lt, E], text mask
+  [3B, Lt], labels int32 [3B], 1 = match).
+  """
+  b = image_tokens.shape[0]
+  images = jnp.concatenate([image_tokens, image_tokens, image_tokens[neg_image]])
+  texts = jnp.concatenate([text_tokens, text_tokens[neg_text], text_tokens])
+  masks = jnp.concatenate([text_mask, text_mask[neg_text], text_mask])
+  labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
+  return images, texts, masks, labels
+
+
+def itm_loss(logits, labels):
+  """Mean binary cross-entropy of match logits [N, 2] against labels [N].
+
+  Returns (loss, accuracy).
+  """
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  loss = -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=-1))
+  accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+  return loss, accuracy

@@ -1,0 +1,102 @@
+"""Image-text fusion encoders (paper Fig. 5): co-attention and self-attention.
+
+co_attention (Fig. 5a, Eq. 2-4): two streams of blocks. In each block every
+stream attends to itself, then cross-attends with its own queries over the
+other stream's keys/values (Att_I = (Q_T, K_I, V_I), Att_T = (Q_I, K_T, V_T)),
+then applies an MLP. Both streams read the other's output of the previous
+block (ViLBERT-style simultaneous update). A stream's block is a post-LN
+`TransformerBlock(cross_attention=True)`: the BERT layer with cross-attention
+of ALBEF's fusion encoder. Params: image_block_i, text_block_i.
+
+self_attention (Fig. 5b): the two token streams are concatenated and run
+through plain post-LN transformer blocks; by default enough of them to match
+the co-attention parameter count (see `self_attention_depth`).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from clusjax.config import FUSIONS
+from clusjax.models.layers import TransformerBlock
+
+Dtype = Any
+
+
+def self_attention_depth(co_attention_depth, width, mlp_dim):
+  """Blocks of self-attention fusion with about the parameters of co-attention.
+
+  A co-attention block holds two streams of (self-attn 4E^2 + cross-attn 4E^2
+  + MLP 2EM); a plain block holds 4E^2 + 2EM.
+  """
+  co = 2 * (8 * width * width + 2 * width * mlp_dim)
+  plain = 4 * width * width + 2 * width * mlp_dim
+  return max(1, round(co_attention_depth * co / plain))
+
+
+class FusionEncoder(nn.Module):
+  """Fuses image tokens [B, Li, E] and text tokens [B, Lt, E].
+
+  Returns (fused image tokens [B, Li, E], fused text tokens [B, Lt, E]); the
+  CLS of each is token 0.
+  """
+  kind: str            # "co_attention" | "self_attention"
+  depth: int           # co-attention blocks (self-attention derives its own)
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  layer_norm_eps: float = 1e-12
+
+  def _block(self, name, cross):
+    return TransformerBlock(self.num_heads, self.mlp_dim, pre_norm=False, cross_attention=cross,
+                            dropout=self.dropout, dtype=self.dtype,
+                            layer_norm_eps=self.layer_norm_eps, name=name)
+
+  @nn.compact
+  def __call__(self, image_tokens, text_tokens, text_mask, deterministic=True, outputs="all"):
+    """Fuses the streams.
+
+    outputs: which results the caller reads; the co-attention fusion skips the
+    rest of its last block (same values where computed):
+      "all"  (image tokens [B, Li, E], text tokens [B, Lt, E]);
+      "cls"  (image CLS [B, 1, E], text CLS [B, 1, E])    -- ITM;
+      "text" (None, text tokens [B, Lt, E])               -- MLM.
+    """
+    if outputs not in ("all", "cls", "text"):
+      raise ValueError(f"outputs={outputs!r} must be 'all', 'cls' or 'text'.")
+    text_mask = text_mask.astype(bool)
+    image_mask = jnp.ones(image_tokens.shape[:2], bool)
+    if self.kind == "co_attention":
+      img, txt = image_tokens, text_tokens
+      for i in range(self.depth):
+        last = i == self.depth - 1
+        n = 1 if last and outputs == "cls" else None
+        new_img = None
+        if not (last and outputs == "text"):
+          new_img = self._block(f"image_block_{i}", cross=True)(
+              img, image_mask, deterministic, context=txt, context_mask=text_mask,
+              num_queries=n)
+        new_txt = self._block(f"text_block_{i}", cross=True)(
+            txt, text_mask, deterministic, context=img, context_mask=image_mask, num_queries=n)
+        img, txt = new_img, new_txt
+      return img, txt
+    if self.kind == "self_attention":
+      width = text_tokens.shape[-1]
+      if image_tokens.shape[-1] != width:
+        raise ValueError(f"self_attention fusion needs equal widths; image {image_tokens.shape}"
+                         f" vs text {text_tokens.shape}.")
+      # A learned modality embedding tells the blocks which stream a token is from.
+      modality = self.param("modality_embed", nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), (None, "embed")), (2, width), jnp.float32)
+      x = jnp.concatenate([image_tokens + modality[0].astype(image_tokens.dtype),
+                           text_tokens + modality[1].astype(text_tokens.dtype)], axis=1)
+      mask = jnp.concatenate([image_mask, text_mask], axis=1)
+      for i in range(self_attention_depth(self.depth, width, self.mlp_dim)):
+        x = self._block(f"block_{i}", cross=False)(x, mask, deterministic)
+      n = image_tokens.shape[1]
+      img, txt = x[:, :n], x[:, n:]
+      if outputs == "cls":
+        return img[:, :1], txt[:, :1]
+      return (None if outputs == "text" else img), txt
+    raise ValueError(f"config.model.fusion={self.kind!r} must be one of {', '.join(FUSIONS)}.")

@@ -1,0 +1,111 @@
+"""Fusion encoders: co-attention (Eq. 2-4) and self-attention, and Clus heads."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import flax.linen as nn
+import numpy as np
+import pytest
+
+from clusjax.models.clus import ClusModel
+from clusjax.models.fusion import FusionEncoder, self_attention_depth
+from clusjax.models.layers import TransformerBlock
+from tests.models.test_layers import assert_logically_annotated, randomize
+
+B, LI, LT, E = 3, 5, 4, 16
+
+
+def _inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  img = rng.normal(size=(B, LI, E)).astype(np.float32)
+  txt = rng.normal(size=(B, LT, E)).astype(np.float32)
+  mask = np.ones((B, LT), bool)
+  mask[0, 2:] = False
+  return img, txt, mask
+
+
+def _count(params):
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("kind", ["co_attention", "self_attention"])
+def test_partial_outputs_equal_the_full_ones(kind):
+  img, txt, mask = _inputs()
+  fusion = FusionEncoder(kind, depth=2, num_heads=2, mlp_dim=32)
+  params = randomize(nn.unbox(fusion.init(jax.random.key(0), img, txt, mask))["params"])
+  full_img, full_txt = fusion.apply({"params": params}, img, txt, mask)
+  assert full_img.shape == (B, LI, E) and full_txt.shape == (B, LT, E)
+  cls_img, cls_txt = fusion.apply({"params": params}, img, txt, mask, outputs="cls")
+  np.testing.assert_allclose(cls_img, full_img[:, :1], atol=1e-5)
+  np.testing.assert_allclose(cls_txt, full_txt[:, :1], atol=1e-5)
+  none, text_only = fusion.apply({"params": params}, img, txt, mask, outputs="text")
+  assert none is None
+  np.testing.assert_allclose(text_only, full_txt, atol=1e-5)
+
+
+def test_co_attention_streams_read_each_other():
+  img, txt, mask = _inputs()
+  fusion = FusionEncoder("co_attention", depth=1, num_heads=2, mlp_dim=32)
+  params = randomize(nn.unbox(fusion.init(jax.random.key(0), img, txt, mask))["params"])
+  assert set(params) == {"image_block_0", "text_block_0"}
+  assert {"attn", "cross_attn", "mlp", "norm1", "norm_cross", "norm2"} <= set(params["text_block_0"])
+  out_img, out_txt = (np.asarray(x) for x in fusion.apply({"params": params}, img, txt, mask))
+  img2 = img.copy()
+  img2[1] += 1.0
+  out_txt2 = np.asarray(fusion.apply({"params": params}, img2, txt, mask)[1])
+  # Text of example 1 sees its own image (cross-attention) and no other example's.
+  assert not np.allclose(out_txt2[1], out_txt[1])
+  np.testing.assert_allclose(out_txt2[[0, 2]], out_txt[[0, 2]], atol=1e-6)
+  # Padded text tokens are not attended to: changing them changes no image output.
+  txt2 = txt.copy()
+  txt2[0, 2:] += 5.0
+  out_img2, _ = fusion.apply({"params": params}, img, txt2, mask)
+  np.testing.assert_allclose(out_img2, out_img, atol=1e-5)
+
+
+def test_self_attention_has_about_the_co_attention_parameter_count():
+  width, mlp = 64, 256
+  img = np.zeros((1, LI, width), np.float32)
+  txt = np.zeros((1, LT, width), np.float32)
+  mask = np.ones((1, LT), bool)
+  counts = {}
+  for kind in ("co_attention", "self_attention"):
+    fusion = FusionEncoder(kind, depth=3, num_heads=4, mlp_dim=mlp)
+    counts[kind] = _count(jax.eval_shape(fusion.init, jax.random.key(0), img, txt, mask))
+  assert abs(counts["self_attention"] / counts["co_attention"] - 1) < 0.05, counts
+  assert self_attention_depth(3, width, mlp) > 3
+
+
+def test_num_queries_and_cross_attention_checks():
+  img, txt, mask = _inputs()
+  block = TransformerBlock(num_heads=2, mlp_dim=32, pre_norm=True, cross_attention=True)
+  params = randomize(nn.unbox(block.init(jax.random.key(0), txt, mask, context=img))["params"])
+  full = block.apply({"params": params}, txt, mask, context=img)
+  part = block.apply({"params": params}, txt, mask, context=img, num_queries=2)
+  np.testing.assert_allclose(part, full[:, :2], atol=1e-5)
+  with pytest.raises(ValueError, match="cross_attention=True"):
+    block.apply({"params": params}, txt, mask)
+
+
+def test_clus_heads_shapes_and_annotations():
+  cfg = ml_collections.ConfigDict(dict(
+      vision=dict(patch_size=8, width=E, depth=1, num_heads=2, mlp_dim=32),
+      text=dict(width=E, depth=1, num_heads=2, mlp_dim=32),
+      embed_dim=8, dropout=0.0, temperature_init=0.06, fusion="co_attention", fusion_depth=1))
+  model = ClusModel(ml_collections.FrozenConfigDict(cfg), vocab_size=128, max_text_len=LT,
+                    num_prototypes=10)
+  images = np.zeros((B, 16, 16, 3), np.uint8)
+  ids = np.full((B, LT), 7, np.int32)
+  mask = np.ones((B, LT), bool)
+  boxed = model.init(jax.random.key(0), images, ids, mask)["params"]
+  assert_logically_annotated(boxed)
+  params = nn.unbox(boxed)
+  assert {"fusion", "itm_head", "mlm_decoder", "prototypes"} <= set(params)
+  out = model.apply({"params": params}, images, ids, mask)
+  np.testing.assert_allclose(np.linalg.norm(out["prototypes"], axis=0), 1.0, rtol=1e-5)
+  assert out["prototypes"].shape == (8, 10)
+  itm = model.apply({"params": params}, out["image_tokens"], out["text_tokens"], mask,
+                    method=ClusModel.itm_logits)
+  assert itm.shape == (B, 2) and itm.dtype == jnp.float32
+  mlm = model.apply({"params": params}, out["image_tokens"], ids, mask,
+                    method=ClusModel.mlm_logits)
+  assert mlm.shape == (B, LT, 128)
