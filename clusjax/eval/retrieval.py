@@ -43,7 +43,6 @@ def rerank_scores(similarity, k, pair_scores):
     first, in ITM order; the rest keep their ITC order below them.
   """
   similarity = np.asarray(similarity, np.float64)
-  n_img, n_txt = similarity.shape
   out = []
   for axis in (1, 0):                        # i2t: texts per image; t2i: images per text
     sim = similarity if axis == 1 else similarity.T

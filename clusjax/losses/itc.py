@@ -33,7 +33,11 @@ def itc_loss(image_feats, text_feats, temperature):
   Returns:
     scalar float32 loss.
   """
-  logits = itc_logits(image_feats, text_feats, temperature)
+  return infonce_from_logits(itc_logits(image_feats, text_feats, temperature))
+
+
+def infonce_from_logits(logits):
+  """The symmetric InfoNCE of `itc_loss` from its [B, B] logits (row i pairs column i)."""
   i2t = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=1)))
   t2i = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=0)))
   return 0.5 * (i2t + t2i)

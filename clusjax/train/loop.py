@@ -148,8 +148,8 @@ def _cluster(state, compiled, config, workdir, done, writer, build):
     compiled = build()
     state = jax.device_put(grow_state(state, new_k_max), compiled.shardings)
     if jax.process_index() == 0:
-      wd.save_config(config, workdir)       # load_pretrained builds K_max columns
-      print(f"\nclustering: k={k} > K_max={k_max}; K_max -> {new_k_max}", flush=True)
+      # Checkpoints record the new K_max; resume and load_pretrained read it there.
+      tqdm.write(f"clustering: k={k} > K_max={k_max}; K_max -> {new_k_max}")
     state, stats = compiled.cluster_fn(state)
     stats = jax.device_get(stats)
   summary = {"clustering/num_clusters": int(stats["num_clusters"]),

@@ -89,6 +89,11 @@ def load_text_init(state, path):
   return state.replace(params={**state.params, "text": text})
 
 
+def is_prototype_leaf(path):
+  """True for a tree path under params["prototypes"] (or its optimizer state)."""
+  return any(getattr(k, "key", None) == "prototypes" for k in path)
+
+
 def grow_state(state, k_max):
   """`state` with K_max prototype columns: Z padded (clustering.grow_prototypes),
   `active` padded with False, and the prototypes' optimizer state padded with
@@ -96,7 +101,7 @@ def grow_state(state, k_max):
   z, active = grow_prototypes(state.params["prototypes"], state.active, k_max)
 
   def pad(path, leaf):
-    if any(getattr(k, "key", None) == "prototypes" for k in path) and leaf.ndim == 2:
+    if is_prototype_leaf(path) and leaf.ndim == 2:
       return jnp.pad(leaf, ((0, 0), (0, k_max - leaf.shape[1])))
     return leaf
 

@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import optax
 
 from clusjax.clustering import cluster_prototypes
-from clusjax.losses import (clip_temperature, itc_logits, itc_loss, itm_loss, itm_pairs,
+from clusjax.losses import (clip_temperature, infonce_from_logits, itc_logits, itm_loss, itm_pairs,
                             mask_tokens, mlm_loss, sample_hard_negatives,
                             swap_prediction_loss)
 from clusjax.models.clus import ClusModel
+from clusjax.train.state import is_prototype_leaf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ def compute_losses(model, params, batch, rng, config, text_ids, active):
   logits = itc_logits(out["image_feats"], out["text_feats"], out["temperature"])
   terms = dict(temperature=clip_temperature(out["temperature"]))
   if "itc" in weights:
-    terms["itc"] = itc_loss(out["image_feats"], out["text_feats"], out["temperature"])
+    terms["itc"] = infonce_from_logits(logits)
 
   if "itm" in weights:
     neg_text, neg_image = sample_hard_negatives(rngs["negatives"], logits)
@@ -127,8 +128,7 @@ def reset_prototype_moments(opt_state):
   """Zeros the optimizer's per-parameter state of the prototypes (Adam's
   moments): after a clustering step column c is a different cluster."""
   def reset(path, leaf):
-    hit = any(getattr(k, "key", None) == "prototypes" for k in path)
-    return jnp.zeros_like(leaf) if hit else leaf
+    return jnp.zeros_like(leaf) if is_prototype_leaf(path) else leaf
   return jax.tree_util.tree_map_with_path(reset, opt_state)
 
 
