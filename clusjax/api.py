@@ -28,9 +28,11 @@ class Pretrained:
   padded), so any number of examples runs on one compiled shape.
   """
 
-  def __init__(self, model: ClusModel, params, tokenizer: Tokenizer, config, batch_size=None):
+  def __init__(self, model: ClusModel, params, tokenizer: Tokenizer, config, active,
+               batch_size=None):
     self.model = model
     self.params = params
+    self.active = np.asarray(active, bool)   # [K_max]: the prototypes that are clusters
     self.tokenizer = tokenizer
     self.config = config
     self.batch_size = batch_size or config.eval.batch_size
@@ -90,20 +92,22 @@ class Pretrained:
     """list of str -> float32 [B, E], unit norm."""
     return self.text_outputs(texts)[2]
 
-  def itm_logits(self, image_tokens, text_tokens, text_mask):
-    """Fused match logits (no match, match) [B, 2] of pair i = (image i, text i)."""
+  def itm_logits(self, image_tokens, text_tokens, text_mask, image_feats, text_feats):
+    """Fused match logits (no match, match) [B, 2] of pair i = (image i, text i),
+    from `image_outputs` / `text_outputs` of the images and texts."""
     if len(image_tokens) != len(text_tokens):
       raise ValueError(f"itm needs as many images ({len(image_tokens)}) as texts "
                        f"({len(text_tokens)}): pair i is (image i, text i).")
     if not len(image_tokens):
       return np.zeros((0, 2), np.float32)
-    return self._chunked(self._itm_fn, [image_tokens, text_tokens, text_mask])
+    fn = lambda variables, *pair: self._itm_fn(variables, *pair, self.active)  # noqa: E731
+    return self._chunked(fn, [image_tokens, text_tokens, text_mask, image_feats, text_feats])
 
   def itm_score(self, images, texts):
     """Match probability of each pair (images[i], texts[i]) -> float32 [B] in [0, 1]."""
-    image_tokens, _ = self.image_outputs(images)
-    text_tokens, mask, _ = self.text_outputs(texts)
-    logits = self.itm_logits(image_tokens, text_tokens, mask)
+    image_tokens, image_feats = self.image_outputs(images)
+    text_tokens, mask, text_feats = self.text_outputs(texts)
+    logits = self.itm_logits(image_tokens, text_tokens, mask, image_feats, text_feats)
     return np.asarray(jax.nn.softmax(logits, axis=-1)[:, 1], np.float32)
 
 
@@ -121,4 +125,4 @@ def load_pretrained(workdir, step=None):
   shapes, _ = abstract_state(model, tx, config, mesh, rules_from_config(config))
   state = ckpt.restore(shapes, step=step)
   ckpt.close()
-  return Pretrained(model, state.params, tokenizer, config)
+  return Pretrained(model, state.params, tokenizer, config, state.active)

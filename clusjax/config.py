@@ -7,16 +7,49 @@ second on a bad flag.
 """
 import math
 import os
+import re
 
 MESH_AXES = ("data", "fsdp", "tensor")
 DATA_SOURCES = ("shapes", "tfds", "jsonl")
 DTYPES = ("float32", "bfloat16")
 EVALUATORS = ("retrieval", "zeroshot")
 FUSIONS = ("co_attention", "self_attention")
+# clusjax.kernels.dilated_attention's implementations (kept here: no jax import).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the key."""
+
+
+# A swappable word of config.data.caption_negatives (clusjax/data/negatives.py).
+WORD_PATTERN = r"[A-Za-z]+"
+
+
+def caption_negative_groups(groups, key="config.data.caption_negatives"):
+  """("w1 w2 ...", one string per group) -> tuple of lower-case word tuples.
+
+  Raises ConfigError naming `key` for a bare string, a group of fewer than two
+  distinct words, a word that is not letters a-z, or a word in two groups.
+  """
+  if isinstance(groups, str) or not isinstance(groups, (tuple, list)):
+    raise ConfigError(f"{key}={groups!r} must be a tuple of strings, one group of "
+                      "space-separated words each, e.g. ('circle square triangle',).")
+  parsed, seen = [], {}
+  for i, group in enumerate(groups):
+    if not isinstance(group, str):
+      raise ConfigError(f"{key}[{i}]={group!r} must be a string of space-separated words.")
+    words = tuple(dict.fromkeys(w.lower() for w in group.split()))
+    if len(words) < 2:
+      raise ConfigError(f"{key}[{i}]={group!r} needs at least two distinct words to swap.")
+    for w in words:
+      if not re.fullmatch(WORD_PATTERN, w):
+        raise ConfigError(f"{key}[{i}]: {w!r} is not a word of letters a-z.")
+      if w in seen:
+        raise ConfigError(f"{key}: {w!r} is in group {seen[w]} and in group {i}.")
+      seen[w] = i
+    parsed.append(words)
+  return tuple(parsed)
 
 
 def _get(config, path):
@@ -59,6 +92,30 @@ def _choice(config, path, choices):
   if value not in choices:
     raise ConfigError(f"config.{path}={value!r} must be one of {', '.join(choices)}.")
   return value
+
+
+def _validate_longnet(config):
+  _check_type(config, "longnet.enabled", (bool,), "True or False")
+  if _positive_int(config, "longnet.depth", allow_zero=True) == 0:
+    return
+  for key in ("width", "num_heads", "mlp_dim"):
+    _positive_int(config, f"longnet.{key}")
+  if config.longnet.width % config.longnet.num_heads:
+    raise ConfigError(f"config.longnet.width={config.longnet.width} is not divisible by "
+                      f"config.longnet.num_heads={config.longnet.num_heads}.")
+  _choice(config, "longnet.implementation", ATTENTION_IMPLEMENTATIONS)
+  ws = _check_type(config, "longnet.segment_lengths", (tuple, list), "a tuple of ints")
+  rs = _check_type(config, "longnet.dilation_rates", (tuple, list), "a tuple of ints")
+  if not ws or len(ws) != len(rs):
+    raise ConfigError(f"config.longnet.segment_lengths={tuple(ws)} and "
+                      f"config.longnet.dilation_rates={tuple(rs)} must be non-empty and of "
+                      "equal length (one (w, r) per branch).")
+  for w, r in zip(ws, rs):
+    if isinstance(w, bool) or isinstance(r, bool) or not (
+        isinstance(w, int) and isinstance(r, int) and w > 0 and r > 0) or w % r:
+      raise ConfigError(f"config.longnet: branch (w={w!r}, r={r!r}) needs positive ints with "
+                        f"r dividing w (segment_lengths={tuple(ws)}, "
+                        f"dilation_rates={tuple(rs)}).")
 
 
 def resolve_mesh_shape(mesh_config, num_devices):
@@ -111,6 +168,7 @@ def validate(config, num_devices=None):
   for key in ("data_dir", "tokenizer", "tfds_name", "image_key", "caption_key",
               "train_split", "eval_split"):
     _check_type(config, f"data.{key}", (str,), "a string")
+  caption_negative_groups(_get(config, "data.caption_negatives"))
   if config.data.name == "shapes":
     for key in ("shapes_num_train", "shapes_num_val", "shapes_num_test"):
       _positive_int(config, f"data.{key}")
@@ -155,6 +213,8 @@ def validate(config, num_devices=None):
         f"config.model.fusion='self_attention' concatenates the two streams: it needs "
         f"config.model.vision.width ({config.model.vision.width}) == "
         f"config.model.text.width ({config.model.text.width}).")
+
+  _validate_longnet(config)
 
   for key in ("itc_weight", "itm_weight", "mlm_weight", "swap_weight"):
     _number(config, f"loss.{key}", 0.0)

@@ -58,6 +58,10 @@ def get_config(arg=None):
   c.data.tokenizer = ""           # SentencePiece model path; "" = train one
   c.data.vocab_size = 30_522      # upper bound when training the tokenizer
   c.data.num_workers = 0          # Grain worker processes
+  # Hard negative captions (NegCLIP): groups of interchangeable words, one
+  # string each; every caption gets a copy with one group word swapped, which
+  # ITC contrasts with its image. () = off (as in the paper).
+  c.data.caption_negatives = ()
 
   c.model = ml_collections.ConfigDict()
   c.model.vision = ml_collections.ConfigDict(
@@ -91,6 +95,19 @@ def get_config(arg=None):
   c.clustering.min_samples = 0          # DBSCAN minPts; 0 = 2 x dim
   c.clustering.eps = 0.0                # DBSCAN eps; 0 = elbow of the k-distance curve
   c.clustering.plots = True             # k-distance / cluster-size plots in <workdir>/clusters
+
+  # LongNet over the cluster tokens (DESIGN §4): per ITM pair, token j =
+  # embed([V_T[j], V_I[j]]) + embed(j) over the K_max prototypes (inactive ones
+  # masked); its masked-mean pool joins the fused CLS at the ITM head.
+  # enabled=False is the paper's "w/o LongNet" ablation (plain transformer
+  # layers, dense attention, same parameters); depth=0 leaves it out.
+  # Width 64: each of the 3B ITM pairs has K_max tokens (6,144 x 4,096 at
+  # Base), so LongNet costs ~2.5 TMAC per step here against ~34 for the ViT.
+  c.longnet = ml_collections.ConfigDict(dict(
+      enabled=True, width=64, depth=2, num_heads=4, mlp_dim=256,
+      segment_lengths=(2048, 4096, 8192), dilation_rates=(1, 2, 4),
+      # dilated attention: auto (the Pallas kernel on GPU, jnp elsewhere) | xla | pallas
+      implementation="auto"))
 
   c.loss = ml_collections.ConfigDict()
   c.loss.itc_weight = 1.0
@@ -140,6 +157,8 @@ def _tiny(c):
       dict(width=128, depth=4, num_heads=4, mlp_dim=512, init_from=""))
   c.model.fusion_depth = 1
   c.clustering.num_prototypes = 64
+  c.longnet.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64,
+                        segment_lengths=(64, 128), dilation_rates=(1, 2)))
   c.clustering.max_prototypes = 128
   c.clustering.cluster_every = 100
   c.clustering.queue_size = 4_096

@@ -92,7 +92,7 @@ def main(argv):
     print(f"Trained to step {int(state.step)} in {time.perf_counter() - start:.0f} s.", flush=True)
     if not config.train.eval_at_end:
       return
-    pretrained = Pretrained(model, state.params, tokenizer, config)
+    pretrained = Pretrained(model, state.params, tokenizer, config, state.active)
   else:
     pretrained = load_pretrained(workdir)
   if jax.process_index() == 0:

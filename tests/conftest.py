@@ -39,6 +39,9 @@ MICRO = {
     "train.checkpoint_every": 3,
     "eval.batch_size": 32,
     "eval.num_examples": 64,
+    "longnet.width": 16,
+    "longnet.num_heads": 2,
+    "longnet.mlp_dim": 32,
 }
 for _tower in ("vision", "text"):
   MICRO.update({f"model.{_tower}.width": 32, f"model.{_tower}.depth": 1,

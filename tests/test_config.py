@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 import time
@@ -31,6 +32,10 @@ def test_base_config_is_the_paper():
     ("data.name", "imagenet", "config.data.name='imagenet'"),
     ("optim.learning_rate", -1.0, "config.optim.learning_rate=-1.0"),
     ("dtype", "float16", "config.dtype='float16'"),
+    ("longnet.dilation_rates", (1, 3), "config.longnet: branch (w=128, r=3)"),
+    ("longnet.dilation_rates", (1,), "config.longnet.segment_lengths=(64, 128) and"),
+    ("longnet.width", 33, "config.longnet.width=33 is not divisible"),
+    ("data.caption_negatives", ("circle",), "config.data.caption_negatives[0]='circle'"),
 ])
 def test_validate_names_the_bad_key(key, value, message):
   c = clus_base.get_config("tiny")
@@ -40,7 +45,7 @@ def test_validate_names_the_bad_key(key, value, message):
     node = node[p]
   with c.unlocked():
     node[leaf] = value
-  with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+  with pytest.raises(ConfigError, match=re.escape(message)):
     validate(c, num_devices=8)
 
 

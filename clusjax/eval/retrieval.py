@@ -98,7 +98,8 @@ class RetrievalEvaluator:
         out = []
         for s in range(0, len(i), chunk):
           ii, jj = i[s:s + chunk], j[s:s + chunk]
-          logits = model.itm_logits(image_tokens[ii], text_tokens[jj], text_mask[jj])
+          logits = model.itm_logits(image_tokens[ii], text_tokens[jj], text_mask[jj],
+                                    image_feats[ii], text_feats[jj])
           out.append(logits[:, 1] - logits[:, 0])   # log-odds of a match
         return np.concatenate(out)
       i2t, t2i = rerank_scores(sim, k, pair_scores)

@@ -37,9 +37,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from clusjax.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 from clusjax.kernels import dilated_attention_pallas
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 # "xla": score elements ([m, m] per row) materialised per step of the
 # segment loop; bounds the temporary memory independently of N.

@@ -36,8 +36,17 @@ def itc_loss(image_feats, text_feats, temperature):
   return infonce_from_logits(itc_logits(image_feats, text_feats, temperature))
 
 
-def infonce_from_logits(logits):
-  """The symmetric InfoNCE of `itc_loss` from its [B, B] logits (row i pairs column i)."""
-  i2t = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=1)))
+def infonce_from_logits(logits, negative_logits=None):
+  """The symmetric InfoNCE of `itc_loss` from its [B, B] logits (row i pairs column i).
+
+  negative_logits: optional [B, N] logits of each image against N extra
+  negative texts (hard negative captions; -inf where there is none). They join
+  the image->text softmax only, as in NegCLIP: text->image is unchanged.
+  """
+  i2t_logits = logits
+  if negative_logits is not None:
+    i2t_logits = jnp.concatenate([logits, negative_logits.astype(logits.dtype)], axis=1)
+  i2t = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(i2t_logits, axis=1)))
   t2i = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=0)))
   return 0.5 * (i2t + t2i)
+

@@ -29,18 +29,22 @@ def sample_hard_negatives(rng, similarity):
   return neg_text.astype(jnp.int32), neg_image.astype(jnp.int32)
 
 
-def itm_pairs(image_tokens, text_tokens, text_mask, neg_text, neg_image):
+def itm_pairs(images, texts, neg_text, neg_image):
   """The 3B ITM pairs: B positives, then (image, hard text), then (hard image, text).
 
-  Returns (image tokens [3B, Li, E], text tokens [3B, Lt, E], text mask
-  [3B, Lt], labels int32 [3B], 1 = match).
+  Args:
+    images: a pytree of per-image arrays [B, ...] (tokens, features, ...).
+    texts: a pytree of per-text arrays [B, ...] (tokens, mask, features, ...).
+    neg_text, neg_image: int [B], from `sample_hard_negatives`.
+  Returns:
+    (images of the pairs, texts of the pairs: the same pytrees with [3B, ...]
+    leaves; labels int32 [3B], 1 = match).
   """
-  b = image_tokens.shape[0]
-  images = jnp.concatenate([image_tokens, image_tokens, image_tokens[neg_image]])
-  texts = jnp.concatenate([text_tokens, text_tokens[neg_text], text_tokens])
-  masks = jnp.concatenate([text_mask, text_mask[neg_text], text_mask])
+  b = neg_text.shape[0]
+  pair_images = jax.tree.map(lambda x: jnp.concatenate([x, x, x[neg_image]]), images)
+  pair_texts = jax.tree.map(lambda x: jnp.concatenate([x, x[neg_text], x]), texts)
   labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
-  return images, texts, masks, labels
+  return pair_images, pair_texts, labels
 
 
 def itm_loss(logits, labels):

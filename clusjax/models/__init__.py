@@ -7,6 +7,7 @@ dual encoder lives in clus.py.
 from clusjax.models.bert import BertEncoder
 from clusjax.models.layers import (DenseGeneral, Embed, LayerNorm, Mlp, MultiHeadAttention,
                                    TransformerBlock, dense)
+from clusjax.models.longnet import LongNet
 from clusjax.models.vit import ViT
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "DenseGeneral",
     "Embed",
     "LayerNorm",
+    "LongNet",
     "Mlp",
     "MultiHeadAttention",
     "TransformerBlock",

@@ -3,7 +3,8 @@
     images [B, H, W, 3] uint8 --ViT--> tokens --CLS--> vision_proj --> L2 norm --> [B, E]
     ids, mask [B, L]          --BERT--> tokens --CLS--> text_proj  --> L2 norm --> [B, E]
     (image tokens, text tokens) --fusion--> fused streams
-        fused CLS of both streams --itm_head--> [B, 2]      (match / no match)
+    (image feats, text feats) . Z / tau_z --> (V_T, V_I) [B, K_max] --LongNet--> pool [B, W]
+        [fused CLS of both streams, LongNet pool] --itm_head--> [B, 2]   (match / no match)
         fused text tokens         --mlm_head--> [B, L, V]   (masked-token logits)
     prototypes Z [E, K_max], unit columns (clustering swap prediction, DESIGN §3)
 
@@ -22,6 +23,7 @@ import ml_collections
 from clusjax.models.bert import BertEncoder
 from clusjax.models.fusion import FusionEncoder
 from clusjax.models.layers import LayerNorm, default_init, dense
+from clusjax.models.longnet import LongNet
 from clusjax.models.vit import ViT
 
 # HF ViTImageProcessor's defaults: x / 255, then (x - 0.5) / 0.5.
@@ -50,6 +52,9 @@ class ClusModel(nn.Module):
   vocab_size: int
   max_text_len: int
   num_prototypes: int = 1                    # K_max, columns of Z
+  # The run config's `longnet` section (None or depth 0: the ITM head reads the fused CLS only).
+  longnet: ml_collections.FrozenConfigDict | None = None
+  cluster_temperature: float = 0.1           # tau_z of V_T, V_I (config.clustering.temperature)
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
@@ -73,7 +78,16 @@ class ClusModel(nn.Module):
     self.fusion = FusionEncoder(
         kind=cfg.fusion, depth=cfg.fusion_depth, num_heads=cfg.text.num_heads,
         mlp_dim=cfg.text.mlp_dim, dropout=cfg.dropout, dtype=self.dtype)
-    # ITM: match / no-match from the two fused CLS tokens, concatenated.
+    self.cluster_encoder = None
+    if self.longnet is not None and self.longnet.depth > 0:
+      ln = self.longnet
+      self.cluster_encoder = LongNet(
+          width=ln.width, depth=ln.depth, num_heads=ln.num_heads, mlp_dim=ln.mlp_dim,
+          max_clusters=self.num_prototypes, segment_lengths=tuple(ln.segment_lengths),
+          dilation_rates=tuple(ln.dilation_rates), dense=not ln.enabled,
+          implementation=ln.implementation, dropout=cfg.dropout, dtype=self.dtype,
+          name="longnet")
+    # ITM: match / no-match from the two fused CLS tokens (and the LongNet pool), concatenated.
     self.itm_head = dense(2, ("embed", None), dtype=self.dtype, name="itm_head")
     # MLM: BERT's prediction head (dense, GELU, LayerNorm, decoder over the vocabulary).
     self.mlm_transform = dense(cfg.text.width, ("embed", "mlp"), dtype=self.dtype,
@@ -100,11 +114,24 @@ class ClusModel(nn.Module):
     tokens = self.text(ids, mask, deterministic=deterministic)
     return tokens, _l2_normalize(self.text_proj(tokens[:, 0]))
 
-  def itm_logits(self, image_tokens, text_tokens, text_mask, deterministic=True):
-    """Fuses pair i = (image_tokens[i], text_tokens[i]) -> match logits [B, 2] float32."""
+  def itm_logits(self, image_tokens, text_tokens, text_mask, image_feats=None, text_feats=None,
+                 active=None, deterministic=True):
+    """Fuses pair i = (image i, text i) -> match logits [B, 2] float32.
+
+    With LongNet (config.longnet.depth > 0) the pair's ITC features
+    image_feats, text_feats [B, E] and the prototypes' `active` mask [K_max]
+    give its cluster tokens: V_T = F_I Z / tau_z, V_I = F_T Z / tau_z (DESIGN §3-4).
+    """
     img, txt = self.fusion(image_tokens, text_tokens, text_mask, deterministic, outputs="cls")
-    cls = jnp.concatenate([img[:, 0], txt[:, 0]], axis=-1)
-    return self.itm_head(cls).astype(jnp.float32)
+    parts = [img[:, 0], txt[:, 0]]
+    if self.cluster_encoder is not None:
+      if image_feats is None or text_feats is None or active is None:
+        raise ValueError("itm_logits with LongNet needs image_feats, text_feats and active.")
+      z = _l2_normalize(self.prototypes.T).T
+      v_t = image_feats.astype(jnp.float32) @ z / self.cluster_temperature
+      v_i = text_feats.astype(jnp.float32) @ z / self.cluster_temperature
+      parts.append(self.cluster_encoder(v_t, v_i, active, deterministic).astype(img.dtype))
+    return self.itm_head(jnp.concatenate(parts, axis=-1)).astype(jnp.float32)
 
   def mlm_logits(self, image_tokens, ids, mask, deterministic=True):
     """Encodes (masked) ids, fuses them with the images -> logits [B, L, V] float32."""
@@ -119,7 +146,8 @@ class ClusModel(nn.Module):
     text_tokens, text_feats = self.encode_text(ids, mask, deterministic)
     if self.is_initializing():
       # Creates the fusion and head params (the step calls them separately).
-      self.itm_logits(image_tokens, text_tokens, mask)
+      self.itm_logits(image_tokens, text_tokens, mask, image_feats, text_feats,
+                      jnp.ones((self.num_prototypes,), bool))
       self.mlm_logits(image_tokens, ids, mask)
     return dict(image_feats=image_feats, text_feats=text_feats, image_tokens=image_tokens,
                 text_tokens=text_tokens, temperature=self.temperature,
@@ -141,4 +169,7 @@ def build_model(config, vocab_size):
                    vocab_size=padded_vocab_size(vocab_size),
                    max_text_len=config.data.max_text_len,
                    num_prototypes=config.clustering.max_prototypes,
+                   # Workdirs from before LongNet have no `longnet` section: none in ITM.
+                   longnet=ml_collections.FrozenConfigDict(config.get("longnet", {"depth": 0})),
+                   cluster_temperature=config.clustering.temperature,
                    dtype=jnp.dtype(config.dtype))

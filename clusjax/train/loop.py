@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from clusjax import workdir as wd
 from clusjax.clustering import next_k_max, write_cluster_plots
-from clusjax.config import validate
+from clusjax.config import caption_negative_groups, validate
 from clusjax.data import Tokenizer, make_source, make_train_iterator
 from clusjax.data.hf_tokenizer import HFTokenizer
 from clusjax.models.clus import build_model
@@ -191,7 +191,8 @@ def train(config, workdir):
       train_source, global_batch_size=config.train.batch_size, seed=config.data.seed,
       image_size=config.data.image_size, tokenizer=tokenizer,
       max_text_len=config.data.max_text_len, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_workers=config.data.num_workers)
+      process_count=jax.process_count(), num_workers=config.data.num_workers,
+      negative_groups=caption_negative_groups(config.data.caption_negatives))
   if ckpt.latest_step() is not None:
     state = ckpt.restore(compiled.shapes, data_iter)
     if is_main:

@@ -29,10 +29,15 @@ class TrainState:
 def dummy_batch(config, batch_size=1):
   """Zeros with the shapes and dtypes of one batch (for init and AOT lowering)."""
   size, length = config.data.image_size, config.data.max_text_len
-  return dict(
+  batch = dict(
       image=np.zeros((batch_size, size, size, 3), np.uint8),
       text_ids=np.zeros((batch_size, length), np.int32),
       text_mask=np.ones((batch_size, length), bool))
+  if config.data.get("caption_negatives"):   # absent in workdirs older than the key
+    batch.update(neg_text_ids=np.zeros((batch_size, length), np.int32),
+                 neg_text_mask=np.ones((batch_size, length), bool),
+                 neg_valid=np.ones((batch_size,), bool))
+  return batch
 
 
 def _init_boxed(rng, model, tx, config):
@@ -94,16 +99,30 @@ def is_prototype_leaf(path):
   return any(getattr(k, "key", None) == "prototypes" for k in path)
 
 
+def _is_cluster_embed_leaf(path):
+  """True under LongNet's cluster-index embedding [K_max, W] (params or optimizer state)."""
+  return any(getattr(k, "key", None) == "cluster_embed" for k in path)
+
+
 def grow_state(state, k_max):
   """`state` with K_max prototype columns: Z padded (clustering.grow_prototypes),
-  `active` padded with False, and the prototypes' optimizer state padded with
-  zeros. The caller re-places it in the new shardings."""
+  `active` padded with False, LongNet's cluster-index embedding grown the same
+  way (row j repeats row j mod the old K_max), and the optimizer state of both
+  padded with zeros. The caller re-places it in the new shardings."""
   z, active = grow_prototypes(state.params["prototypes"], state.active, k_max)
+
+  def grow_param(path, leaf):
+    if _is_cluster_embed_leaf(path):
+      return grow_prototypes(leaf.T, jnp.zeros(leaf.shape[0], bool), k_max)[0].T
+    return leaf
 
   def pad(path, leaf):
     if is_prototype_leaf(path) and leaf.ndim == 2:
       return jnp.pad(leaf, ((0, 0), (0, k_max - leaf.shape[1])))
+    if _is_cluster_embed_leaf(path) and leaf.ndim == 2:
+      return jnp.pad(leaf, ((0, k_max - leaf.shape[0]), (0, 0)))
     return leaf
 
-  return state.replace(params={**state.params, "prototypes": z}, active=active,
+  params = jax.tree_util.tree_map_with_path(grow_param, {**state.params, "prototypes": z})
+  return state.replace(params=params, active=active,
                        opt_state=jax.tree_util.tree_map_with_path(pad, state.opt_state))

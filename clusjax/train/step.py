@@ -59,7 +59,8 @@ def compute_losses(model, params, batch, rng, config, text_ids, active):
     (total loss, dict of per-term scalars for logging).
   """
   weights = _weights(config.loss)
-  rngs = dict(zip(("towers", "itm", "mlm", "negatives", "masking"), jax.random.split(rng, 5)))
+  names = ("towers", "itm", "mlm", "negatives", "masking", "captions")
+  rngs = dict(zip(names, jax.random.split(rng, len(names))))
   variables = {"params": params}
   images, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
 
@@ -67,14 +68,25 @@ def compute_losses(model, params, batch, rng, config, text_ids, active):
                     rngs={"dropout": rngs["towers"]})
   logits = itc_logits(out["image_feats"], out["text_feats"], out["temperature"])
   terms = dict(temperature=clip_temperature(out["temperature"]))
+  negative_logits = None
+  if "neg_text_ids" in batch:   # hard negative captions (config.data.caption_negatives)
+    _, neg_feats = model.apply(variables, batch["neg_text_ids"], batch["neg_text_mask"],
+                               deterministic=False, rngs={"dropout": rngs["captions"]},
+                               method=ClusModel.encode_text)
+    negative_logits = jnp.where(batch["neg_valid"][None, :],
+                                itc_logits(out["image_feats"], neg_feats, out["temperature"]),
+                                -jnp.inf)
   if "itc" in weights:
-    terms["itc"] = infonce_from_logits(logits)
+    terms["itc"] = infonce_from_logits(logits, negative_logits)
 
   if "itm" in weights:
     neg_text, neg_image = sample_hard_negatives(rngs["negatives"], logits)
-    *pair_inputs, labels = itm_pairs(out["image_tokens"], out["text_tokens"], mask,
-                                     neg_text, neg_image)
-    match_logits = model.apply(variables, *pair_inputs, deterministic=False,
+    # Each pair carries its tokens (fusion) and ITC features (LongNet's cluster tokens).
+    (image_tokens, image_feats), (text_tokens, text_mask, text_feats), labels = itm_pairs(
+        (out["image_tokens"], out["image_feats"]), (out["text_tokens"], mask, out["text_feats"]),
+        neg_text, neg_image)
+    match_logits = model.apply(variables, image_tokens, text_tokens, text_mask, image_feats,
+                               text_feats, active, deterministic=False,
                                rngs={"dropout": rngs["itm"]}, method=ClusModel.itm_logits)
     terms["itm"], terms["itm_accuracy"] = itm_loss(match_logits, labels)
 

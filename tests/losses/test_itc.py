@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clusjax.losses import itc_loss
+from clusjax.losses import infonce_from_logits, itc_logits, itc_loss
 
 
 def _normalize(x):
@@ -51,3 +51,28 @@ def test_itc_sharded_equals_single_device():
   np.testing.assert_allclose(loss8, loss1, rtol=1e-6)
   for a, b in zip(grads8, grads1):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_hard_negative_captions_join_image_to_text_only():
+  rng = np.random.default_rng(2)
+  img, txt, neg = (_normalize(rng.normal(size=(6, 8))).astype(np.float32) for _ in range(3))
+  t = 0.1
+  logits = itc_logits(img, txt, t)
+  neg_logits = np.asarray(itc_logits(img, neg, t)).copy()
+  neg_logits[:, 2] = -np.inf    # example 2 has no negative caption
+  got = infonce_from_logits(logits, jnp.asarray(neg_logits))
+  # Reference: image->text over [texts | valid negatives]; text->image as plain ITC.
+  full = np.concatenate([img @ txt.T, np.delete(img @ neg.T, 2, axis=1)], axis=1) / t
+  full = full - full.max(axis=1, keepdims=True)
+  i2t = -np.mean(np.diag(full - np.log(np.exp(full).sum(axis=1, keepdims=True))))
+  z = (txt @ img.T) / t
+  z = z - z.max(axis=1, keepdims=True)
+  t2i = -np.mean(np.diag(z - np.log(np.exp(z).sum(axis=1, keepdims=True))))
+  np.testing.assert_allclose(got, 0.5 * (i2t + t2i), rtol=1e-5)
+  # All negatives masked = plain ITC; real negatives only add to the loss.
+  none = infonce_from_logits(logits, jnp.full((6, 6), -jnp.inf))
+  np.testing.assert_allclose(none, itc_loss(img, txt, t), rtol=1e-6)
+  assert got > none
+  grads = jax.grad(lambda n: infonce_from_logits(logits, itc_logits(img, n, t)))(neg)
+  assert np.isfinite(grads).all() and np.abs(grads).sum() > 0
+

@@ -53,7 +53,9 @@ def test_itm_pairs_and_loss():
   mask = np.ones((b, lt), bool)
   mask[1, 3:] = False
   neg_text, neg_image = np.array([1, 0, 3, 2]), np.array([2, 3, 0, 1])
-  images, texts, masks, labels = itm_pairs(img, txt, mask, neg_text, neg_image)
+  (images, feats), (texts, masks), labels = itm_pairs((img, img[:, 0]), (txt, mask),
+                                                       neg_text, neg_image)
+  np.testing.assert_array_equal(feats, images[:, 0])
   assert images.shape == (3 * b, li, e) and texts.shape == (3 * b, lt, e)
   np.testing.assert_array_equal(labels, [1] * b + [0] * (2 * b))
   np.testing.assert_array_equal(texts[b:2 * b], txt[neg_text])

@@ -109,3 +109,48 @@ def test_clus_heads_shapes_and_annotations():
   mlm = model.apply({"params": params}, out["image_tokens"], ids, mask,
                     method=ClusModel.mlm_logits)
   assert mlm.shape == (B, LT, 128)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_itm_reads_the_cluster_tokens_through_longnet(enabled):
+  cfg = ml_collections.ConfigDict(dict(
+      vision=dict(patch_size=8, width=E, depth=1, num_heads=2, mlp_dim=32),
+      text=dict(width=E, depth=1, num_heads=2, mlp_dim=32),
+      embed_dim=8, dropout=0.0, temperature_init=0.06, fusion="co_attention", fusion_depth=1))
+  longnet = ml_collections.FrozenConfigDict(dict(
+      enabled=enabled, width=8, depth=1, num_heads=2, mlp_dim=16, segment_lengths=(4, 8),
+      dilation_rates=(1, 2), implementation="xla"))
+  k_max = 10
+  model = ClusModel(ml_collections.FrozenConfigDict(cfg), vocab_size=128, max_text_len=LT,
+                    num_prototypes=k_max, longnet=longnet, cluster_temperature=0.1)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (B, 16, 16, 3)).astype(np.uint8)
+  ids = rng.integers(4, 100, (B, LT)).astype(np.int32)
+  mask = np.ones((B, LT), bool)
+  boxed = model.init(jax.random.key(0), images, ids, mask)["params"]
+  assert_logically_annotated(boxed)
+  params = randomize(nn.unbox(boxed))
+  assert set(params["longnet"]) == {"score_embed", "cluster_embed", "block_0", "final_norm"}
+  # The ITM head reads [image CLS, text CLS, LongNet pool].
+  assert params["itm_head"]["kernel"].shape == (2 * E + 8, 2)
+  out = model.apply({"params": params}, images, ids, mask)
+
+  def itm(p, active):
+    return model.apply({"params": p}, out["image_tokens"], out["text_tokens"], mask,
+                       out["image_feats"], out["text_feats"], active,
+                       method=ClusModel.itm_logits)
+
+  active = np.arange(k_max) < 6
+  base = itm(params, active)
+  assert base.shape == (B, 2) and np.isfinite(base).all()
+  # The cluster tokens are V_T = F_I Z / tau, V_I = F_T Z / tau of the active prototypes:
+  # moving an active prototype changes the logits, moving an inactive one does not.
+  z = np.asarray(params["prototypes"])
+  for column, changes in ((2, True), (8, False)):
+    moved = z.copy()
+    moved[:, column] = -moved[:, column]
+    got = itm({**params, "prototypes": moved}, active)
+    assert (not np.allclose(got, base, atol=1e-6)) == changes, column
+  with pytest.raises(ValueError, match="needs image_feats, text_feats and active"):
+    model.apply({"params": params}, out["image_tokens"], out["text_tokens"], mask,
+                method=ClusModel.itm_logits)

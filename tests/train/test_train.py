@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from clusjax import workdir as wd
+from clusjax.config import caption_negative_groups
 from clusjax.data import Tokenizer, make_source, make_train_iterator
 from clusjax.models.clus import build_model
 from clusjax.parallel.mesh import batch_sharding, create_mesh, rules_from_config
@@ -34,15 +35,20 @@ def _one_step(config, tokenizer, batch, mesh):
 
 @pytest.fixture(scope="module")
 def data(shapes_data_dir, tmp_path_factory):
-  config = micro_config(shapes_data_dir)
+  # With hard negative captions, so that their encoding is checked on 8 devices too.
+  config = micro_config(shapes_data_dir,
+                        data__caption_negatives=("circle square triangle diamond cross",))
   source = make_source(config.data, "train")
   captions = [source[i]["caption"] for i in range(len(source))]
   tokenizer = Tokenizer.train(captions, str(tmp_path_factory.mktemp("tok") / "t.model"),
                               config.data.vocab_size)
   it = make_train_iterator(source, global_batch_size=config.train.batch_size, seed=0,
                            image_size=config.data.image_size, tokenizer=tokenizer,
-                           max_text_len=config.data.max_text_len)
-  return config, tokenizer, next(it)
+                           max_text_len=config.data.max_text_len,
+                           negative_groups=caption_negative_groups(config.data.caption_negatives))
+  batch = next(it)
+  assert "neg_text_ids" in batch
+  return config, tokenizer, batch
 
 
 def test_step_on_8_devices_equals_1_device(data):
@@ -123,6 +129,8 @@ def test_clustering_sets_k_and_grows_k_max(shapes_data_dir, tmp_path):
   k_max = int(state.active.shape[0])
   assert k_max >= max(m["clustering/num_clusters"] for m in logs) and k_max & (k_max - 1) == 0
   assert int(state.active.sum()) == logs[-1]["clustering/num_clusters"]
+  # LongNet's cluster-index embedding has a row per prototype column: it grew too.
+  assert state.params["longnet"]["cluster_embed"]["embedding"].shape[0] == k_max
   z = np.asarray(state.params["prototypes"])
   np.testing.assert_allclose(np.linalg.norm(z, axis=0), 1.0, rtol=1e-5)
   assert sorted(p.name for p in (workdir / "clusters").iterdir()) == [
