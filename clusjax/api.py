@@ -25,7 +25,9 @@ class Pretrained:
   """A Clus model with its params, tokenizer and config.
 
   Inputs are batched internally in chunks of `batch_size` (the last chunk
-  padded), so any number of examples runs on one compiled shape.
+  padded), so any number of examples runs on one compiled shape. `active`
+  (bool [K_max], from the checkpoint) says which prototype columns are
+  clusters: LongNet's cluster tokens in ITM read only those.
   """
 
   def __init__(self, model: ClusModel, params, tokenizer: Tokenizer, config, active,

@@ -10,6 +10,8 @@
       heads.safetensors  vision_projection.{weight, bias}  [E, Wv], [E]   torch nn.Linear layout
                          text_projection.{weight, bias}    [E, Wt], [E]
                          temperature                       []   ITC logits = sim / temperature
+                         prototypes_active                 [K_max] bool: the columns of
+                                                           `prototypes` that are clusters now
                          <name>.<flax path>   every other top-level param subtree (fusion,
                                               itm_head, ...), Flax layout (Dense kernels [in, out])
       tokenizer.model    the SentencePiece model clusjax trained and encodes with
@@ -70,8 +72,9 @@ texts are truncated to {max_len} tokens ([CLS] ... [SEP]).
 - `vision_model/`, `text_model/`: ViTModel / BertModel (transformers >= 5). The
   pooler is an identity placeholder (Clus uses the CLS state).
 - `heads.safetensors`: `vision_projection.*`, `text_projection.*` (nn.Linear
-  layout), `temperature`; any other key `<name>.<path>` is a clusjax param
-  subtree (fusion, ITM/MLM heads) in Flax layout (Dense kernels [in, out]).
+  layout), `temperature`, `prototypes_active` (which prototype columns are
+  clusters); any other key `<name>.<path>` is a clusjax param subtree (fusion,
+  LongNet, ITM/MLM heads, prototypes) in Flax layout (Dense kernels [in, out]).
 - `tokenizer.model`: the SentencePiece model that `text_model/tokenizer.json`
   reproduces; `clusjax_config.json`: the training config.
 '''
@@ -101,11 +104,12 @@ def _linear(dense, name):
   return out
 
 
-def _heads(params):
+def _heads(params, active):
   from flax import traverse_util
   heads = {**_linear(params["vision_proj"], "vision_projection"),
            **_linear(params["text_proj"], "text_projection"),
-           "temperature": np.asarray(params["temperature"], np.float32)}
+           "temperature": np.asarray(params["temperature"], np.float32),
+           "prototypes_active": np.asarray(active, bool)}
   for name in sorted(set(params) - set(_NAMED)):
     tree = params[name]
     if hasattr(tree, "items"):
@@ -180,7 +184,7 @@ def _write(pretrained, workdir, step, out):
       write_tokenizer_files(sentencepiece_to_hf(f.read()), text_dir, max_len=max_len)
     shutil.copyfile(spm_file, os.path.join(out, "tokenizer.model"))
 
-  _save(_heads(params), os.path.join(out, HEADS_FILE), {"step": str(step)})
+  _save(_heads(params, pretrained.active), os.path.join(out, HEADS_FILE), {"step": str(step)})
   shutil.copyfile(wd.path(workdir, wd.CONFIG_FILE), os.path.join(out, "clusjax_config.json"))
 
 

@@ -70,6 +70,7 @@ def test_exported_model_matches_load_pretrained(trained_workdir, exported):
   print(f"export max abs diff: image {img_diff:.2e}, text {txt_diff:.2e}")
   assert img_diff < 1e-4 and txt_diff < 1e-4
   np.testing.assert_allclose(heads["temperature"].numpy(), model.params["temperature"], rtol=0)
+  np.testing.assert_array_equal(heads["prototypes_active"].numpy(), model.active)
 
 
 def test_tokenizer_json_gives_sentencepiece_ids(trained_workdir, exported):
@@ -113,9 +114,9 @@ def test_heads_export_other_subtrees_under_their_names():
             "fusion": {"image_block_0": {"attn": {"query": {"kernel": np.ones((8, 2, 4))}}}},
             "itm_head": {"kernel": np.ones((8, 2)), "bias": np.zeros(2)},
             "prototypes": np.ones((4, 16))}
-  heads = _heads(params)
+  heads = _heads(params, np.arange(16) < 5)
   assert set(heads) == {"vision_projection.weight", "vision_projection.bias",
-                        "text_projection.weight", "temperature",
+                        "text_projection.weight", "temperature", "prototypes_active",
                         "fusion.image_block_0.attn.query.kernel", "itm_head.kernel",
                         "itm_head.bias", "prototypes"}
   np.testing.assert_array_equal(heads["vision_projection.weight"],
