@@ -4,5 +4,5 @@ from clusjax.losses.itm import itm_loss, itm_pairs, sample_hard_negatives
 from clusjax.losses.mlm import mask_tokens, mlm_loss
 from clusjax.losses.swap import swap_prediction_loss
 
-__all__ = ["clip_temperature", "infonce_from_logits", "itc_logits", "itc_loss", "itm_loss", "itm_pairs",
-           "mask_tokens", "mlm_loss", "sample_hard_negatives", "swap_prediction_loss"]
+__all__ = ["clip_temperature", "infonce_from_logits", "itc_logits", "itc_loss", "itm_loss",
+           "itm_pairs", "mask_tokens", "mlm_loss", "sample_hard_negatives", "swap_prediction_loss"]

@@ -49,4 +49,3 @@ def infonce_from_logits(logits, negative_logits=None):
   i2t = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(i2t_logits, axis=1)))
   t2i = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=0)))
   return 0.5 * (i2t + t2i)
-

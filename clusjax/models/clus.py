@@ -114,6 +114,10 @@ class ClusModel(nn.Module):
     tokens = self.text(ids, mask, deterministic=deterministic)
     return tokens, _l2_normalize(self.text_proj(tokens[:, 0]))
 
+  def unit_prototypes(self):
+    """Z [E, K_max] with its columns L2-normalised in the forward pass."""
+    return _l2_normalize(self.prototypes.T).T
+
   def itm_logits(self, image_tokens, text_tokens, text_mask, image_feats=None, text_feats=None,
                  active=None, deterministic=True):
     """Fuses pair i = (image i, text i) -> match logits [B, 2] float32.
@@ -127,7 +131,7 @@ class ClusModel(nn.Module):
     if self.cluster_encoder is not None:
       if image_feats is None or text_feats is None or active is None:
         raise ValueError("itm_logits with LongNet needs image_feats, text_feats and active.")
-      z = _l2_normalize(self.prototypes.T).T
+      z = self.unit_prototypes()
       v_t = image_feats.astype(jnp.float32) @ z / self.cluster_temperature
       v_i = text_feats.astype(jnp.float32) @ z / self.cluster_temperature
       parts.append(self.cluster_encoder(v_t, v_i, active, deterministic).astype(img.dtype))
@@ -151,7 +155,7 @@ class ClusModel(nn.Module):
       self.mlm_logits(image_tokens, ids, mask)
     return dict(image_feats=image_feats, text_feats=text_feats, image_tokens=image_tokens,
                 text_tokens=text_tokens, temperature=self.temperature,
-                prototypes=_l2_normalize(self.prototypes.T).T)
+                prototypes=self.unit_prototypes())
 
 
 # The embedding table is padded to a multiple of this so that it splits evenly

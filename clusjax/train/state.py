@@ -94,14 +94,18 @@ def load_text_init(state, path):
   return state.replace(params={**state.params, "text": text})
 
 
+def _path_has(path, key):
+  return any(getattr(k, "key", None) == key for k in path)
+
+
 def is_prototype_leaf(path):
   """True for a tree path under params["prototypes"] (or its optimizer state)."""
-  return any(getattr(k, "key", None) == "prototypes" for k in path)
+  return _path_has(path, "prototypes")
 
 
 def _is_cluster_embed_leaf(path):
   """True under LongNet's cluster-index embedding [K_max, W] (params or optimizer state)."""
-  return any(getattr(k, "key", None) == "cluster_embed" for k in path)
+  return _path_has(path, "cluster_embed")
 
 
 def grow_state(state, k_max):

@@ -68,15 +68,15 @@ def compute_losses(model, params, batch, rng, config, text_ids, active):
                     rngs={"dropout": rngs["towers"]})
   logits = itc_logits(out["image_feats"], out["text_feats"], out["temperature"])
   terms = dict(temperature=clip_temperature(out["temperature"]))
-  negative_logits = None
-  if "neg_text_ids" in batch:   # hard negative captions (config.data.caption_negatives)
-    _, neg_feats = model.apply(variables, batch["neg_text_ids"], batch["neg_text_mask"],
-                               deterministic=False, rngs={"dropout": rngs["captions"]},
-                               method=ClusModel.encode_text)
-    negative_logits = jnp.where(batch["neg_valid"][None, :],
-                                itc_logits(out["image_feats"], neg_feats, out["temperature"]),
-                                -jnp.inf)
   if "itc" in weights:
+    negative_logits = None
+    if "neg_text_ids" in batch:   # hard negative captions (config.data.caption_negatives)
+      _, neg_feats = model.apply(variables, batch["neg_text_ids"], batch["neg_text_mask"],
+                                 deterministic=False, rngs={"dropout": rngs["captions"]},
+                                 method=ClusModel.encode_text)
+      negative_logits = jnp.where(batch["neg_valid"][None, :],
+                                  itc_logits(out["image_feats"], neg_feats, out["temperature"]),
+                                  -jnp.inf)
     terms["itc"] = infonce_from_logits(logits, negative_logits)
 
   if "itm" in weights:
