@@ -118,6 +118,32 @@ def _validate_longnet(config):
                         f"dilation_rates={tuple(rs)}).")
 
 
+def _validate_prompt_labels(config):
+  if config.loss.prompt_weight == 0 and config.loss.noun_code_weight == 0:
+    return
+  for key in ("num_nouns", "max_nouns"):
+    _positive_int(config, f"prompt_labels.{key}")
+  label_len = _positive_int(config, "prompt_labels.max_text_len")
+  if not 3 <= label_len <= config.data.max_text_len:
+    raise ConfigError(f"config.prompt_labels.max_text_len={label_len} must be >= 3 ([CLS] word "
+                      f"[SEP]) and <= config.data.max_text_len={config.data.max_text_len} (the "
+                      "text tower's positions).")
+  templates = _check_type(config, "prompt_labels.templates", (tuple, list),
+                          'a tuple of strings with one "{}" each')
+  if not templates:
+    raise ConfigError("config.prompt_labels.templates is empty; give at least one, "
+                      "e.g. ('a photo of a {}.',).")
+  for i, t in enumerate(templates):
+    if not isinstance(t, str) or t.count("{}") != 1 or t.count("{") != 1 or t.count("}") != 1:
+      raise ConfigError(f"config.prompt_labels.templates[{i}]={t!r} must be a string with "
+                        'exactly one "{}" (where the noun goes).')
+  stop = _check_type(config, "prompt_labels.stop_nouns", (tuple, list), "a tuple of words")
+  for i, w in enumerate(stop):
+    if not isinstance(w, str) or not re.fullmatch(WORD_PATTERN, w):
+      raise ConfigError(f"config.prompt_labels.stop_nouns[{i}]={w!r} is not a word of "
+                        "letters a-z.")
+
+
 def resolve_mesh_shape(mesh_config, num_devices):
   """Returns {axis: size} with the one -1 axis filled in from num_devices."""
   shape = {}
@@ -216,8 +242,10 @@ def validate(config, num_devices=None):
 
   _validate_longnet(config)
 
-  for key in ("itc_weight", "itm_weight", "mlm_weight", "swap_weight"):
+  for key in ("itc_weight", "itm_weight", "mlm_weight", "swap_weight", "prompt_weight",
+              "noun_code_weight"):
     _number(config, f"loss.{key}", 0.0)
+  _validate_prompt_labels(config)
   _check_type(config, "loss.swap_prediction", (bool,), "True or False")
   _number(config, "loss.mlm_probability", 0.0, 1.0, low_open=True)
 

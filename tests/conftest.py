@@ -16,6 +16,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 import sys  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,6 +68,20 @@ def micro_flags(data_dir, **overrides):
   """The same config as command-line flags for launch/main.py."""
   items = dict(MICRO, **{k.replace("__", "."): v for k, v in overrides.items()})
   return [f"--config.data.data_dir={data_dir}"] + [f"--config.{k}={v}" for k, v in items.items()]
+
+
+class CaptionSource:
+  """A data source of `captions`, record i with an 8 x 8 image filled with i
+  (so a batch row tells which record it came from)."""
+
+  def __init__(self, captions):
+    self.captions = captions
+
+  def __len__(self):
+    return len(self.captions)
+
+  def __getitem__(self, i):
+    return {"image": np.full((8, 8, 3), i, np.uint8), "caption": self.captions[i]}
 
 
 @pytest.fixture(scope="session")

@@ -130,11 +130,12 @@ class _DecodeIndex:
   """
 
   def __init__(self, source, image_size, tokenizer, max_text_len, keep_caption=False,
-               negative_groups=(), seed=0):
+               negative_groups=(), seed=0, prompt_labeler=None):
     self.source, self.image_size = source, image_size
     self.tokenizer, self.max_text_len = tokenizer, max_text_len
     self.keep_caption = keep_caption
     self.negative_groups, self.seed = negative_groups, seed
+    self.prompt_labeler = prompt_labeler
 
   def __call__(self, index):
     index = int(index)
@@ -155,7 +156,20 @@ class _DecodeIndex:
       else:
         ids, mask = self.tokenizer.encode_one(negative, self.max_text_len)
       example.update(neg_text_ids=ids, neg_text_mask=mask, neg_valid=negative is not None)
+    if self.prompt_labeler is not None:
+      example.update(self._labels(record["caption"], index))
     return example
+
+  def _labels(self, caption, index):
+    texts, label_noun, caption_nouns = self.prompt_labeler(caption, index)
+    length = self.prompt_labeler.max_text_len
+    ids = np.full((len(texts), length), self.tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(texts), length), bool)
+    for slot, text in enumerate(texts):
+      if text:   # "" = the caption has fewer nouns: an all-padding row, masked out of the loss
+        ids[slot], mask[slot] = self.tokenizer.encode_one(text, length)
+    return dict(label_ids=ids, label_mask=mask, label_noun=label_noun,
+                caption_nouns=caption_nouns)
 
 
 class _DropBad:
@@ -186,7 +200,8 @@ class _DropBad:
 
 
 def make_train_iterator(source, *, global_batch_size, seed, image_size, tokenizer, max_text_len,
-                        process_index=0, process_count=1, num_workers=0, negative_groups=()):
+                        process_index=0, process_count=1, num_workers=0, negative_groups=(),
+                        prompt_labeler=None):
   """Infinite, shuffled, per-process batches of `source`.
 
   Each process reads records [process_index : n' : process_count], with n'
@@ -201,6 +216,10 @@ def make_train_iterator(source, *, global_batch_size, seed, image_size, tokenize
     With `negative_groups` (word groups, `clusjax.data.negatives`) also each
     caption's hard negative: "neg_text_ids" [b, L], "neg_text_mask" [b, L]
     and "neg_valid" bool [b] (False where the caption has no word to swap).
+    With `prompt_labeler` (`clusjax.data.prompts.PromptLabeler`, k nouns)
+    also the prompt-template labels: "label_ids" / "label_mask" [b, k,
+    labeler.max_text_len], "label_noun" int32 [b, k] (0 = no label) and
+    "caption_nouns" int32 [b, max_nouns].
   """
   if global_batch_size % process_count:
     raise ValueError(f"global batch size {global_batch_size} is not divisible by the number of "
@@ -219,7 +238,8 @@ def make_train_iterator(source, *, global_batch_size, seed, image_size, tokenize
   shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
   ds = ds.shuffle(seed=shuffle_seed).repeat(None)
   ds = ds.map(_DecodeIndex(source, image_size, tokenizer, max_text_len,
-                           negative_groups=negative_groups, seed=seed))
+                           negative_groups=negative_groups, seed=seed,
+                           prompt_labeler=prompt_labeler))
   # Enough read-ahead for about two batches; Grain's default (500) wastes work
   # when a test or an eval drops the iterator early.
   read = grain.ReadOptions(num_threads=READ_THREADS,

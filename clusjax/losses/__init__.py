@@ -2,7 +2,9 @@
 from clusjax.losses.itc import clip_temperature, infonce_from_logits, itc_logits, itc_loss
 from clusjax.losses.itm import itm_loss, itm_pairs, sample_hard_negatives
 from clusjax.losses.mlm import mask_tokens, mlm_loss
+from clusjax.losses.prompt import noun_codes, prompt_label_loss
 from clusjax.losses.swap import swap_prediction_loss
 
 __all__ = ["clip_temperature", "infonce_from_logits", "itc_logits", "itc_loss", "itm_loss",
-           "itm_pairs", "mask_tokens", "mlm_loss", "sample_hard_negatives", "swap_prediction_loss"]
+           "itm_pairs", "mask_tokens", "mlm_loss", "noun_codes", "prompt_label_loss",
+           "sample_hard_negatives", "swap_prediction_loss"]

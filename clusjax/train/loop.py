@@ -20,6 +20,7 @@ from clusjax.clustering import next_k_max, write_cluster_plots
 from clusjax.config import caption_negative_groups, validate
 from clusjax.data import Tokenizer, make_source, make_train_iterator
 from clusjax.data.hf_tokenizer import HFTokenizer
+from clusjax.data.prompts import labeler_from_config
 from clusjax.models.clus import build_model
 from clusjax.parallel.mesh import (batch_sharding, create_mesh, mesh_context,
                                    per_device_bytes, rules_from_config)
@@ -192,7 +193,8 @@ def train(config, workdir):
       image_size=config.data.image_size, tokenizer=tokenizer,
       max_text_len=config.data.max_text_len, process_index=jax.process_index(),
       process_count=jax.process_count(), num_workers=config.data.num_workers,
-      negative_groups=caption_negative_groups(config.data.caption_negatives))
+      negative_groups=caption_negative_groups(config.data.caption_negatives),
+      prompt_labeler=labeler_from_config(config))
   if ckpt.latest_step() is not None:
     state = ckpt.restore(compiled.shapes, data_iter)
     if is_main:

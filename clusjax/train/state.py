@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clusjax.clustering import grow_prototypes
+from clusjax.data.prompts import labeler_from_config
 from clusjax.parallel.mesh import logical_shardings
 
 
@@ -37,6 +38,13 @@ def dummy_batch(config, batch_size=1):
     batch.update(neg_text_ids=np.zeros((batch_size, length), np.int32),
                  neg_text_mask=np.ones((batch_size, length), bool),
                  neg_valid=np.ones((batch_size,), bool))
+  labeler = labeler_from_config(config)
+  if labeler is not None:
+    k, label_len = labeler.num_nouns, labeler.max_text_len
+    batch.update(label_ids=np.zeros((batch_size, k, label_len), np.int32),
+                 label_mask=np.ones((batch_size, k, label_len), bool),
+                 label_noun=np.ones((batch_size, k), np.int32),
+                 caption_nouns=np.ones((batch_size, labeler.max_nouns), np.int32))
   return batch
 
 

@@ -7,6 +7,10 @@ The Clus objective (DESIGN §5), each term with its weight in `config.loss`:
           text and one hard negative image sampled from the global batch
     MLM   15% of the text tokens masked, predicted from the fused text stream
     L_z   clustering swap prediction against the active prototypes
+    prompt  prompt-template labels (paper Fig. 4b): each image against the
+          batch's "a photo of a {noun}." texts, positive where its caption
+          has the noun
+    noun_code  the same labels against a fixed random code per noun
 
 A term whose weight is 0 (or `loss.swap_prediction=False`) is not computed at
 all, so an ITC-only run costs what the dual encoder costs.
@@ -19,7 +23,8 @@ import optax
 
 from clusjax.clustering import cluster_prototypes
 from clusjax.losses import (clip_temperature, infonce_from_logits, itc_logits, itm_loss, itm_pairs,
-                            mask_tokens, mlm_loss, sample_hard_negatives,
+                            mask_tokens, mlm_loss, noun_codes,
+                            prompt_label_loss, sample_hard_negatives,
                             swap_prediction_loss)
 from clusjax.models.clus import ClusModel
 from clusjax.train.state import is_prototype_leaf
@@ -46,7 +51,9 @@ def _weights(loss_config):
   """{term: weight} of the terms that run."""
   w = dict(itc=loss_config.itc_weight, itm=loss_config.itm_weight,
            mlm=loss_config.mlm_weight,
-           swap=loss_config.swap_weight if loss_config.swap_prediction else 0.0)
+           swap=loss_config.swap_weight if loss_config.swap_prediction else 0.0,
+           prompt=loss_config.get("prompt_weight", 0.0),
+           noun_code=loss_config.get("noun_code_weight", 0.0))
   return {k: v for k, v in w.items() if v > 0}
 
 
@@ -59,7 +66,7 @@ def compute_losses(model, params, batch, rng, config, text_ids, active):
     (total loss, dict of per-term scalars for logging).
   """
   weights = _weights(config.loss)
-  names = ("towers", "itm", "mlm", "negatives", "masking", "captions")
+  names = ("towers", "itm", "mlm", "negatives", "masking", "captions", "labels")
   rngs = dict(zip(names, jax.random.split(rng, len(names))))
   variables = {"params": params}
   images, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
@@ -78,6 +85,21 @@ def compute_losses(model, params, batch, rng, config, text_ids, active):
                                   itc_logits(out["image_feats"], neg_feats, out["temperature"]),
                                   -jnp.inf)
     terms["itc"] = infonce_from_logits(logits, negative_logits)
+
+  if "prompt" in weights:   # prompt-template labels, [B, k, L] -> B * k label texts
+    b, k, length = batch["label_ids"].shape
+    _, label_feats = model.apply(variables, batch["label_ids"].reshape(b * k, length),
+                                 batch["label_mask"].reshape(b * k, length),
+                                 deterministic=False, rngs={"dropout": rngs["labels"]},
+                                 method=ClusModel.encode_text)
+    terms["prompt"] = prompt_label_loss(out["image_feats"], label_feats,
+                                        batch["label_noun"].reshape(-1),
+                                        batch["caption_nouns"], out["temperature"])
+  if "noun_code" in weights:   # the same labels against a fixed random code per noun
+    label_noun = batch["label_noun"].reshape(-1)
+    terms["noun_code"] = prompt_label_loss(
+        out["image_feats"], noun_codes(label_noun, out["image_feats"].shape[-1]), label_noun,
+        batch["caption_nouns"], out["temperature"])
 
   if "itm" in weights:
     neg_text, neg_image = sample_hard_negatives(rngs["negatives"], logits)

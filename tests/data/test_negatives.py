@@ -8,6 +8,7 @@ from clusjax import data
 from clusjax.config import ConfigError, caption_negative_groups
 from clusjax.data import shapes
 from clusjax.data.negatives import negative_caption, swap_word
+from tests.conftest import CaptionSource
 
 KINDS = caption_negative_groups((" ".join(shapes.KINDS),))
 TWO = caption_negative_groups(("circle square triangle", "red blue"))
@@ -62,17 +63,6 @@ def test_negative_is_a_function_of_seed_and_index():
 def test_bad_groups_name_the_key(groups, message):
   with pytest.raises(ConfigError, match=r"config\.data\.caption_negatives.*" + message):
     caption_negative_groups(groups)
-
-
-class CaptionSource:
-  def __init__(self, captions):
-    self.captions = captions
-
-  def __len__(self):
-    return len(self.captions)
-
-  def __getitem__(self, i):
-    return {"image": np.full((8, 8, 3), i, np.uint8), "caption": self.captions[i]}
 
 
 def test_train_batches_carry_the_negatives(tmp_path):

@@ -9,12 +9,16 @@ import pytest
 from clusjax import workdir as wd
 from clusjax.config import caption_negative_groups
 from clusjax.data import Tokenizer, make_source, make_train_iterator
+from clusjax.data.prompts import labeler_from_config
 from clusjax.models.clus import build_model
 from clusjax.parallel.mesh import batch_sharding, create_mesh, rules_from_config
 from clusjax.train.loop import compile_train_step, train
 from clusjax.train.optimizer import make_optimizer
 from clusjax.train.state import abstract_state, init_state
 from tests.conftest import micro_config
+
+
+TERMS = ("loss", "itc", "itm", "mlm", "swap", "prompt", "noun_code")
 
 
 def _one_step(config, tokenizer, batch, mesh):
@@ -45,9 +49,10 @@ def data(shapes_data_dir, tmp_path_factory):
   it = make_train_iterator(source, global_batch_size=config.train.batch_size, seed=0,
                            image_size=config.data.image_size, tokenizer=tokenizer,
                            max_text_len=config.data.max_text_len,
-                           negative_groups=caption_negative_groups(config.data.caption_negatives))
+                           negative_groups=caption_negative_groups(config.data.caption_negatives),
+                           prompt_labeler=labeler_from_config(config))
   batch = next(it)
-  assert "neg_text_ids" in batch
+  assert "neg_text_ids" in batch and "label_ids" in batch
   return config, tokenizer, batch
 
 
@@ -58,11 +63,11 @@ def test_step_on_8_devices_equals_1_device(data):
   state1, a1, b1 = _one_step(config, tokenizer, batch, one)
   state8, a8, b8 = _one_step(config, tokenizer, batch, eight)
   # Every term of the Clus objective, hard-negative sampling and masking included.
-  for key in ("loss", "itc", "itm", "mlm", "swap"):
+  for key in TERMS:
     np.testing.assert_allclose(a8[key], a1[key], rtol=1e-5)
   # A global norm over ~100 arrays, summed in another order across shards.
   np.testing.assert_allclose(a8["grad_norm"], a1["grad_norm"], rtol=1e-4)
-  for key in ("loss", "itc", "itm", "mlm", "swap"):
+  for key in TERMS:
     np.testing.assert_allclose(b8[key], b1[key], rtol=1e-5)
   assert b1["loss"] != a1["loss"]
   flat1 = jax.tree.leaves(jax.device_get(state1.params))
