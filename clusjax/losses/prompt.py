@@ -42,7 +42,7 @@ def prompt_label_loss(image_feats, label_feats, label_noun, caption_nouns, tempe
   valid = label_noun != 0
   positive = jnp.any(caption_nouns[:, None, :] == label_noun[None, :, None], axis=-1) & valid
   positive = positive.astype(jnp.float32)
-  # Masked columns: a large finite logit, so that they take no probability and
+  # Masked columns: a large negative finite logit, so that they take no probability and
   # a batch without any label stays finite (and so do its gradients).
   logits = jnp.where(valid[None, :], itc_logits(image_feats, label_feats, temperature), -1e9)
 
