@@ -149,27 +149,28 @@ class _DecodeIndex:
     if self.keep_caption:
       example["caption"] = record["caption"]
     if self.negative_groups:
+      # None: nothing to swap (an all-padding row, masked out of the loss).
       negative = negative_caption(record["caption"], self.negative_groups, self.seed, index)
-      if negative is None:   # nothing to swap: an all-padding row, masked out of the loss
-        ids = np.full(self.max_text_len, self.tokenizer.pad_id, np.int32)
-        mask = np.zeros(self.max_text_len, bool)
-      else:
-        ids, mask = self.tokenizer.encode_one(negative, self.max_text_len)
+      ids, mask = self._encode_or_pad(negative, self.max_text_len)
       example.update(neg_text_ids=ids, neg_text_mask=mask, neg_valid=negative is not None)
     if self.prompt_labeler is not None:
       example.update(self._labels(record["caption"], index))
     return example
 
+  def _encode_or_pad(self, text, length):
+    """text -> (ids [length], mask [length]); None or "" -> an all-padding row
+    (mask all False), which the losses mask out."""
+    if not text:
+      return np.full(length, self.tokenizer.pad_id, np.int32), np.zeros(length, bool)
+    return self.tokenizer.encode_one(text, length)
+
   def _labels(self, caption, index):
+    # "" = the caption has fewer nouns than labels.
     texts, label_noun, caption_nouns = self.prompt_labeler(caption, index)
-    length = self.prompt_labeler.max_text_len
-    ids = np.full((len(texts), length), self.tokenizer.pad_id, np.int32)
-    mask = np.zeros((len(texts), length), bool)
-    for slot, text in enumerate(texts):
-      if text:   # "" = the caption has fewer nouns: an all-padding row, masked out of the loss
-        ids[slot], mask[slot] = self.tokenizer.encode_one(text, length)
-    return dict(label_ids=ids, label_mask=mask, label_noun=label_noun,
-                caption_nouns=caption_nouns)
+    rows = [self._encode_or_pad(t, self.prompt_labeler.max_text_len) for t in texts]
+    return dict(label_ids=np.stack([r[0] for r in rows]),
+                label_mask=np.stack([r[1] for r in rows]),
+                label_noun=label_noun, caption_nouns=caption_nouns)
 
 
 class _DropBad:

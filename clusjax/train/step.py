@@ -86,17 +86,17 @@ def compute_losses(model, params, batch, rng, config, text_ids, active):
                                   -jnp.inf)
     terms["itc"] = infonce_from_logits(logits, negative_logits)
 
+  if "prompt" in weights or "noun_code" in weights:
+    label_noun = batch["label_noun"].reshape(-1)   # [B, k] -> B * k labels
   if "prompt" in weights:   # prompt-template labels, [B, k, L] -> B * k label texts
     b, k, length = batch["label_ids"].shape
     _, label_feats = model.apply(variables, batch["label_ids"].reshape(b * k, length),
                                  batch["label_mask"].reshape(b * k, length),
                                  deterministic=False, rngs={"dropout": rngs["labels"]},
                                  method=ClusModel.encode_text)
-    terms["prompt"] = prompt_label_loss(out["image_feats"], label_feats,
-                                        batch["label_noun"].reshape(-1),
+    terms["prompt"] = prompt_label_loss(out["image_feats"], label_feats, label_noun,
                                         batch["caption_nouns"], out["temperature"])
   if "noun_code" in weights:   # the same labels against a fixed random code per noun
-    label_noun = batch["label_noun"].reshape(-1)
     terms["noun_code"] = prompt_label_loss(
         out["image_feats"], noun_codes(label_noun, out["image_feats"].shape[-1]), label_noun,
         batch["caption_nouns"], out["temperature"])
