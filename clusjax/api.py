@@ -11,14 +11,11 @@ import functools
 import jax
 import numpy as np
 
-from clusjax import workdir as wd
 from clusjax.data import Tokenizer
-from clusjax.models.clus import ClusModel, build_model
-from clusjax.parallel.mesh import create_mesh, rules_from_config
-from clusjax.train.checkpoint import Checkpointer
-from clusjax.train.loop import load_tokenizer
-from clusjax.train.optimizer import make_optimizer
-from clusjax.train.state import abstract_state
+from clusjax.losses import clip_temperature
+from clusjax.models.clus import ClusModel
+from clusjax.parallel.mesh import create_mesh
+from clusjax.train.restore import restore_model
 
 
 class Pretrained:
@@ -41,6 +38,14 @@ class Pretrained:
     self._image_fn = jax.jit(functools.partial(model.apply, method=ClusModel.encode_image))
     self._text_fn = jax.jit(functools.partial(model.apply, method=ClusModel.encode_text))
     self._itm_fn = jax.jit(functools.partial(model.apply, method=ClusModel.itm_logits))
+
+  @property
+  def logit_scale(self):
+    """What the trained contrastive loss multiplies cosine similarity by:
+    1 / temperature (InfoNCE), or exp(log temperature) under SigLIP."""
+    if "siglip_log_temperature" in self.params:
+      return float(np.exp(self.params["siglip_log_temperature"]))
+    return float(1.0 / clip_temperature(self.params["temperature"]))
 
   def _chunked(self, fn, arrays):
     """Applies fn to chunks of the arrays; returns its outputs concatenated (numpy)."""
@@ -115,16 +120,6 @@ class Pretrained:
 
 def load_pretrained(workdir, step=None):
   """Loads the latest (or `step`) checkpoint of a training workdir on one device."""
-  config = wd.load_config(workdir)
-  tokenizer = load_tokenizer(workdir)
-  ckpt = Checkpointer(wd.path(workdir, wd.CHECKPOINT_DIR), read_only=True)
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {wd.path(workdir, wd.CHECKPOINT_DIR)}")
-  config.clustering.max_prototypes = ckpt.k_max(step)   # K_max may grow during a run
-  model = build_model(config, tokenizer.vocab_size)
-  tx, _ = make_optimizer(config.optim, config.train.num_steps)
   mesh = create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  shapes, _ = abstract_state(model, tx, config, mesh, rules_from_config(config))
-  state = ckpt.restore(shapes, step=step)
-  ckpt.close()
-  return Pretrained(model, state.params, tokenizer, config, state.active)
+  model, params, active, config, tokenizer = restore_model(workdir, mesh, step=step)
+  return Pretrained(model, params, tokenizer, config, active)

@@ -9,6 +9,8 @@ import math
 import os
 import re
 
+from clusjax import workdir as wd
+
 MESH_AXES = ("data", "fsdp", "tensor")
 DATA_SOURCES = ("shapes", "tfds", "jsonl")
 DTYPES = ("float32", "bfloat16")
@@ -137,11 +139,61 @@ def _validate_prompt_labels(config):
     if not isinstance(t, str) or t.count("{}") != 1 or t.count("{") != 1 or t.count("}") != 1:
       raise ConfigError(f"config.prompt_labels.templates[{i}]={t!r} must be a string with "
                         'exactly one "{}" (where the noun goes).')
+  _check_type(config, "prompt_labels.phrases", (bool,), "True or False")
   stop = _check_type(config, "prompt_labels.stop_nouns", (tuple, list), "a tuple of words")
   for i, w in enumerate(stop):
     if not isinstance(w, str) or not re.fullmatch(WORD_PATTERN, w):
       raise ConfigError(f"config.prompt_labels.stop_nouns[{i}]={w!r} is not a word of "
                         "letters a-z.")
+
+
+ITC_KINDS = ("infonce", "siglip", "softclip", "label_smooth")
+
+
+def itc_kind(loss_config):
+  """The contrastive loss of `config.loss` (a workdir from before the switch: infonce)."""
+  itc = loss_config.get("itc")
+  return "infonce" if itc is None else itc.kind
+
+
+def _validate_itc(config):
+  kind = _choice(config, "loss.itc.kind", ITC_KINDS)
+  if kind != "infonce" and config.data.caption_negatives:
+    raise ConfigError(f"config.data.caption_negatives join the InfoNCE softmax only; they do not "
+                      f"work with config.loss.itc.kind={kind!r}: set one of them off.")
+  if kind == "label_smooth":
+    _number(config, "loss.itc.label_smoothing", 0.0, 1.0, low_open=True)
+  if kind == "softclip":
+    beta = _number(config, "loss.itc.softclip.beta", 0.0, 1.0)
+    _number(config, "loss.itc.softclip.relation_weight", 0.0)
+    _number(config, "loss.itc.softclip.clip_weight", 0.0)
+    if _check_type(config, "loss.itc.softclip.symmetric_kl", (bool,), "True or False") and not beta:
+      raise ConfigError("config.loss.itc.softclip.beta=0 with symmetric_kl=True: KL(p || t) is "
+                        "infinite against one-hot targets; set beta > 0 or symmetric_kl=False.")
+
+
+def _validate_distill(config):
+  teacher = _check_type(config, "distill.teacher", (str,), 'a clusjax workdir or ""')
+  if not teacher:
+    return
+  if not os.path.isfile(wd.path(teacher, wd.CONFIG_FILE)):
+    raise ConfigError(f"config.distill.teacher={teacher!r} is not a trained clusjax workdir "
+                      "(no config.json in it).")
+  _number(config, "distill.alpha", 0.0, 1.0)
+  _number(config, "distill.temperature", 0.0, low_open=True)
+  if itc_kind(config.loss) != "infonce" or config.data.caption_negatives:
+    raise ConfigError(f"config.distill.teacher={teacher!r} distils the InfoNCE logits [B, B]: it "
+                      f"needs config.loss.itc.kind='infonce' (is {itc_kind(config.loss)!r}) and no "
+                      "config.data.caption_negatives.")
+  if config.loss.itc_weight == 0:
+    raise ConfigError(f"config.distill.teacher={teacher!r} replaces the ITC term, but "
+                      "config.loss.itc_weight=0.")
+  teacher_data = wd.load_config(teacher).data
+  for key in ("image_size", "max_text_len"):
+    if teacher_data[key] != config.data[key]:
+      raise ConfigError(f"config.distill.teacher={teacher!r} was trained with data.{key}="
+                        f"{teacher_data[key]}; config.data.{key}={config.data[key]}: the teacher "
+                        "reads the student's batches, so they must be equal.")
 
 
 def resolve_mesh_shape(mesh_config, num_devices):
@@ -245,6 +297,9 @@ def validate(config, num_devices=None):
   for key in ("itc_weight", "itm_weight", "mlm_weight", "swap_weight", "prompt_weight",
               "noun_code_weight"):
     _number(config, f"loss.{key}", 0.0)
+  _validate_itc(config)
+  if config.get("distill") is not None:
+    _validate_distill(config)
   _validate_prompt_labels(config)
   _check_type(config, "loss.swap_prediction", (bool,), "True or False")
   _number(config, "loss.mlm_probability", 0.0, 1.0, low_open=True)

@@ -88,7 +88,10 @@ def main(argv):
   if _MODE.value == "train":
     from clusjax.train.loop import train
     start = time.perf_counter()
-    model, state, tokenizer = train(config, workdir)
+    try:
+      model, state, tokenizer = train(config, workdir)
+    except ConfigError as e:   # found only once the workdir is read (a teacher's tokenizer)
+      _fail(str(e))
     print(f"Trained to step {int(state.step)} in {time.perf_counter() - start:.0f} s.", flush=True)
     if not config.train.eval_at_end:
       return

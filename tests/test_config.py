@@ -36,6 +36,7 @@ def test_base_config_is_the_paper():
     ("longnet.dilation_rates", (1,), "config.longnet.segment_lengths=(64, 128) and"),
     ("longnet.width", 33, "config.longnet.width=33 is not divisible"),
     ("data.caption_negatives", ("circle",), "config.data.caption_negatives[0]='circle'"),
+    ("loss.itc.kind", "clip", "config.loss.itc.kind='clip' must be one of infonce, siglip"),
 ])
 def test_validate_names_the_bad_key(key, value, message):
   c = clus_base.get_config("tiny")
@@ -62,6 +63,30 @@ def _run_main(*args):
                          "--workdir=/tmp/clusjax_never_created", *args],
                         capture_output=True, text=True, timeout=60)
   return proc, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"loss.itc.kind": "label_smooth", "loss.itc.label_smoothing": 0.0},
+     "config.loss.itc.label_smoothing=0.0 must be > 0.0"),
+    ({"loss.itc.kind": "softclip", "loss.itc.softclip.beta": 0.0},
+     "config.loss.itc.softclip.beta=0 with symmetric_kl=True"),
+    ({"loss.itc.kind": "softclip", "loss.itc.softclip.beta": 1.5},
+     "config.loss.itc.softclip.beta=1.5 must be <= 1.0"),
+    ({"loss.itc.kind": "siglip", "data.caption_negatives": ("circle square",)},
+     "do not work with config.loss.itc.kind='siglip'"),
+])
+def test_itc_settings_are_checked_for_their_kind(settings, message):
+  c = clus_base.get_config("tiny")
+  for key, value in settings.items():
+    *parents, leaf = key.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    validate(c, num_devices=8)
+  c.loss.itc.kind = "infonce"   # the other kinds' settings are not read
+  validate(c, num_devices=8)
 
 
 @pytest.mark.parametrize("flag,expected", [

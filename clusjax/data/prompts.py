@@ -14,6 +14,9 @@ circle on the left" -> "circle"), the phrase ending at punctuation, a
 preposition, a conjunction, a common verb or an -ing word after its first
 word ("a man riding" -> "man", "a building" -> "building"). `stop_nouns`
 drops nouns that say nothing about the image ("photo", "background").
+With `phrases=True` the labels are drawn from the nouns and the whole phrases
+after their openers ("circle", "small red circle"), so that they also name
+what the modifiers say (colour, size); the paper's labels are the nouns alone.
 
 Nouns are compared by id (`noun_id`, a hash; 0 = none), so the loss needs no
 vocabulary of nouns. The draw is `np.random.default_rng([seed, index, 2])`:
@@ -39,22 +42,25 @@ ENDERS = frozenset(
 _TOKEN = re.compile(WORD_PATTERN + r"|[^\sA-Za-z]")
 
 
-def find_nouns(caption, stop_nouns=()):
-  """The nouns of `caption`, in order, each once, lower case, `stop_nouns` dropped."""
+def find_nouns(caption, stop_nouns=(), phrases=False):
+  """The nouns of `caption`, in order, each once, lower case, `stop_nouns` dropped.
+
+  With `phrases`, each noun comes with the words before it in its phrase
+  ("small red circle"); a phrase is dropped when its noun is a stop noun.
+  """
   nouns, phrase = [], None
   for token in _TOKEN.findall(caption.lower()) + ["."]:
     is_word = token[0].isalpha()
     if phrase is not None and (not is_word or token in ENDERS or token in OPENERS
                                or (phrase and token.endswith("ing"))):
-      if phrase:
-        nouns.append(phrase[-1])
+      if phrase and phrase[-1] not in stop_nouns:
+        nouns.append(" ".join(phrase) if phrases else phrase[-1])
       phrase = None
     if token in OPENERS:
       phrase = []
     elif phrase is not None:
       phrase.append(token)
-  stop = set(stop_nouns)
-  return list(dict.fromkeys(n for n in nouns if n not in stop))
+  return list(dict.fromkeys(nouns))
 
 
 def noun_id(noun):
@@ -68,16 +74,20 @@ class PromptLabeler:
   Picklable (plain attributes) for Grain worker processes.
   """
 
-  def __init__(self, templates, num_nouns, max_nouns, max_text_len, stop_nouns=(), seed=0):
+  def __init__(self, templates, num_nouns, max_nouns, max_text_len, stop_nouns=(), seed=0,
+               phrases=False):
     self.templates, self.num_nouns, self.max_nouns = tuple(templates), num_nouns, max_nouns
     self.max_text_len = max_text_len   # tokens of a label text
-    self.stop_nouns, self.seed = tuple(stop_nouns), seed
+    self.stop_nouns, self.seed, self.phrases = tuple(stop_nouns), seed, phrases
 
   def __call__(self, caption, index):
     """Returns (texts: list of k str, "" where the caption has fewer nouns;
     label_noun int32 [k], the id of each text's noun, 0 for ""; caption_nouns
     int32 [max_nouns], the ids of the caption's nouns, 0-padded)."""
-    nouns = find_nouns(caption, self.stop_nouns)[:self.max_nouns]
+    nouns = find_nouns(caption, self.stop_nouns)
+    if self.phrases:   # and the phrases: "circle", "small red circle", ...
+      nouns = list(dict.fromkeys(nouns + find_nouns(caption, self.stop_nouns, phrases=True)))
+    nouns = nouns[:self.max_nouns]
     rng = np.random.default_rng([self.seed, index, 2])
     chosen = rng.permutation(len(nouns))[:self.num_nouns]
     texts = [""] * self.num_nouns
@@ -98,5 +108,5 @@ def labeler_from_config(config):
                         or config.loss.get("noun_code_weight", 0.0)):
     return None
   return PromptLabeler(pc.templates, pc.num_nouns, pc.max_nouns, pc.max_text_len, pc.stop_nouns,
-                       config.data.seed)
+                       config.data.seed, pc.get("phrases", False))
 

@@ -30,6 +30,16 @@ def recall_at_k(similarity, ks=RECALL_AT, t2i_similarity=None):
   return out
 
 
+def mean_top1_probability(similarity, logit_scale):
+  """Mean over images of the largest probability of the image->text softmax of
+  `logit_scale * similarity` [N_img, N_txt]: how peaked the contrastive
+  softmax is (SoftCLIP reports that soft targets lower it)."""
+  logits = logit_scale * np.asarray(similarity, np.float64)
+  logits -= logits.max(axis=1, keepdims=True)
+  probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+  return float(probs.max(axis=1).mean())
+
+
 def rerank_scores(similarity, k, pair_scores):
   """ALBEF re-ranking: each query's ITC top-k re-scored by ITM.
 
@@ -90,6 +100,7 @@ class RetrievalEvaluator:
     sim = image_feats @ text_feats.T
     yield "num_examples", len(captions)
     yield from recall_at_k(sim).items()
+    yield "i2t_top1_prob", mean_top1_probability(sim, model.logit_scale)
     k = self.config.eval.rerank_k
     if k:
       def pair_scores(i, j):

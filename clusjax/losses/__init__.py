@@ -1,10 +1,13 @@
 """Pure loss functions: no state, no I/O."""
-from clusjax.losses.itc import clip_temperature, infonce_from_logits, itc_logits, itc_loss
+from clusjax.losses.itc import (clip_temperature, infonce_from_logits, itc_logits, itc_loss,
+                                siglip_loss)
 from clusjax.losses.itm import itm_loss, itm_pairs, sample_hard_negatives
 from clusjax.losses.mlm import mask_tokens, mlm_loss
 from clusjax.losses.prompt import noun_codes, prompt_label_loss
+from clusjax.losses.soft_targets import distillation_loss, kl_rows, softclip_loss
 from clusjax.losses.swap import swap_prediction_loss
 
-__all__ = ["clip_temperature", "infonce_from_logits", "itc_logits", "itc_loss", "itm_loss",
-           "itm_pairs", "mask_tokens", "mlm_loss", "noun_codes", "prompt_label_loss",
-           "sample_hard_negatives", "swap_prediction_loss"]
+__all__ = ["clip_temperature", "distillation_loss", "infonce_from_logits", "itc_logits", "itc_loss",
+           "itm_loss", "itm_pairs", "kl_rows", "mask_tokens", "mlm_loss", "noun_codes",
+           "prompt_label_loss", "sample_hard_negatives", "siglip_loss", "softclip_loss",
+           "swap_prediction_loss"]

@@ -1,4 +1,4 @@
-"""Image-text contrastive loss (ALBEF / CLIP InfoNCE)."""
+"""Image-text contrastive losses: ALBEF / CLIP InfoNCE, and SigLIP's sigmoid loss."""
 import jax
 import jax.numpy as jnp
 
@@ -49,3 +49,29 @@ def infonce_from_logits(logits, negative_logits=None):
   i2t = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(i2t_logits, axis=1)))
   t2i = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=0)))
   return 0.5 * (i2t + t2i)
+
+
+# SigLIP's initial log temperature and bias (Zhai et al. 2023).
+SIGLIP_LOG_TEMPERATURE_INIT = 2.302585092994046   # log(10)
+SIGLIP_BIAS_INIT = -10.0
+
+
+def siglip_loss(image_feats, text_feats, log_temperature, bias):
+  """SigLIP: `-(1/B) sum_ij log_sigmoid(z_ij * (exp(log_temperature) <x_i, y_j> + bias))`.
+
+  z = +1 on the diagonal (the pairs), -1 elsewhere, over the global batch
+  (the contraction all-gathers as in `itc_logits`).
+  Args:
+    image_feats, text_feats: [B, d] L2-normalised features; row i pairs with row i.
+    log_temperature, bias: learnable scalars (init log 10 and -10).
+  Returns:
+    scalar float32.
+  """
+  if image_feats.shape != text_feats.shape or image_feats.ndim != 2:
+    raise ValueError(f"siglip_loss: image_feats {image_feats.shape} and text_feats "
+                     f"{text_feats.shape} must both be [B, d].")
+  logits = jnp.einsum("id,jd->ij", image_feats.astype(jnp.float32),
+                      text_feats.astype(jnp.float32))
+  logits = jnp.exp(jnp.asarray(log_temperature, jnp.float32)) * logits + bias
+  signs = 2.0 * jnp.eye(logits.shape[0], dtype=jnp.float32) - 1.0
+  return -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / logits.shape[0]

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from clusjax.config import itc_kind
+from clusjax.losses.itc import SIGLIP_BIAS_INIT, SIGLIP_LOG_TEMPERATURE_INIT
 from clusjax.models.bert import BertEncoder
 from clusjax.models.fusion import FusionEncoder
 from clusjax.models.layers import LayerNorm, default_init, dense
@@ -55,6 +57,7 @@ class ClusModel(nn.Module):
   # The run config's `longnet` section (None or depth 0: the ITM head reads the fused CLS only).
   longnet: ml_collections.FrozenConfigDict | None = None
   cluster_temperature: float = 0.1           # tau_z of V_T, V_I (config.clustering.temperature)
+  siglip: bool = False                       # SigLIP's log temperature and bias (loss.itc.kind)
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
@@ -72,6 +75,12 @@ class ClusModel(nn.Module):
     self.temperature = self.param(
         "temperature", nn.with_logical_partitioning(
             nn.initializers.constant(cfg.temperature_init), ()), (), jnp.float32)
+    if self.siglip:
+      self.siglip_log_temperature, self.siglip_bias = (
+          self.param(name, nn.with_logical_partitioning(nn.initializers.constant(init), ()),
+                     (), jnp.float32)
+          for name, init in (("siglip_log_temperature", SIGLIP_LOG_TEMPERATURE_INIT),
+                             ("siglip_bias", SIGLIP_BIAS_INIT)))
     self.prototypes = self.param(
         "prototypes", nn.with_logical_partitioning(_unit_columns_init, ("proj", None)),
         (cfg.embed_dim, self.num_prototypes), jnp.float32)
@@ -153,9 +162,12 @@ class ClusModel(nn.Module):
       self.itm_logits(image_tokens, text_tokens, mask, image_feats, text_feats,
                       jnp.ones((self.num_prototypes,), bool))
       self.mlm_logits(image_tokens, ids, mask)
-    return dict(image_feats=image_feats, text_feats=text_feats, image_tokens=image_tokens,
-                text_tokens=text_tokens, temperature=self.temperature,
-                prototypes=self.unit_prototypes())
+    out = dict(image_feats=image_feats, text_feats=text_feats, image_tokens=image_tokens,
+               text_tokens=text_tokens, temperature=self.temperature,
+               prototypes=self.unit_prototypes())
+    if self.siglip:
+      out.update(siglip_log_temperature=self.siglip_log_temperature, siglip_bias=self.siglip_bias)
+    return out
 
 
 # The embedding table is padded to a multiple of this so that it splits evenly
@@ -176,4 +188,5 @@ def build_model(config, vocab_size):
                    # Workdirs from before LongNet have no `longnet` section: none in ITM.
                    longnet=ml_collections.FrozenConfigDict(config.get("longnet", {"depth": 0})),
                    cluster_temperature=config.clustering.temperature,
+                   siglip=itc_kind(config.loss) == "siglip",
                    dtype=jnp.dtype(config.dtype))

@@ -17,9 +17,8 @@ from tqdm import tqdm
 
 from clusjax import workdir as wd
 from clusjax.clustering import next_k_max, write_cluster_plots
-from clusjax.config import caption_negative_groups, validate
+from clusjax.config import ConfigError, caption_negative_groups, validate
 from clusjax.data import Tokenizer, make_source, make_train_iterator
-from clusjax.data.hf_tokenizer import HFTokenizer
 from clusjax.data.prompts import labeler_from_config
 from clusjax.models.clus import build_model
 from clusjax.parallel.mesh import (batch_sharding, create_mesh, mesh_context,
@@ -27,21 +26,13 @@ from clusjax.parallel.mesh import (batch_sharding, create_mesh, mesh_context,
 from clusjax.train.checkpoint import Checkpointer
 from clusjax.train.metrics_writer import MetricWriter
 from clusjax.train.optimizer import make_optimizer
+from clusjax.train.restore import load_tokenizer, restore_model, tokenizer_fingerprint
 from clusjax.train.state import abstract_state, dummy_batch, init_state
 from clusjax.train.state import grow_state
 from clusjax.train.step import TextIds, make_cluster_step, make_train_step
 
 # Captions read to train a tokenizer when the config names none.
 TOKENIZER_TRAIN_CAPTIONS = 50_000
-
-
-def load_tokenizer(workdir):
-  """The tokenizer a workdir trained with: WordPiece files of model.text.init_from,
-  or the SentencePiece model."""
-  hf_dir = wd.path(workdir, wd.HF_TOKENIZER_DIR)
-  if os.path.isdir(hf_dir):
-    return HFTokenizer.from_pretrained(hf_dir)
-  return Tokenizer.load(wd.path(workdir, wd.TOKENIZER_FILE))
 
 
 def _copy_hf_tokenizer(init_from, dest):
@@ -59,9 +50,22 @@ def _copy_hf_tokenizer(init_from, dest):
   os.replace(tmp, dest)
 
 
+def _copy_workdir_tokenizer(src_workdir, workdir):
+  hf_dir = wd.path(src_workdir, wd.HF_TOKENIZER_DIR)
+  if os.path.isdir(hf_dir):
+    _copy_hf_tokenizer(hf_dir, wd.path(workdir, wd.HF_TOKENIZER_DIR))
+  else:
+    shutil.copyfile(wd.path(src_workdir, wd.TOKENIZER_FILE), wd.path(workdir, wd.TOKENIZER_FILE))
+
+
+def _distill_teacher(config):
+  return config.get("distill", {}).get("teacher", "")
+
+
 def get_tokenizer(config, workdir, train_source):
-  """The workdir's tokenizer: copied from model.text.init_from's checkpoint or
-  config.data.tokenizer, or trained on the training captions.
+  """The workdir's tokenizer: copied from model.text.init_from's checkpoint,
+  config.data.tokenizer or the distillation teacher's workdir, or trained on
+  the training captions.
 
   Once in the workdir it is reused as is (resume, eval, export).
   """
@@ -75,6 +79,8 @@ def get_tokenizer(config, workdir, train_source):
       if not os.path.exists(config.data.tokenizer):
         raise FileNotFoundError(f"config.data.tokenizer={config.data.tokenizer!r} does not exist.")
       shutil.copyfile(config.data.tokenizer, file)
+    elif _distill_teacher(config):   # the teacher reads the batch's token ids
+      _copy_workdir_tokenizer(_distill_teacher(config), workdir)
     else:
       n = min(len(train_source), TOKENIZER_TRAIN_CAPTIONS)
       captions = [train_source[i]["caption"] for i in range(n)]
@@ -92,16 +98,41 @@ def _global_batch(local_batch, sharding):
 
 
 def compile_train_step(model, tx, schedule, config, tokenizer, mesh, rules, state_shapes,
-                       state_shardings):
-  """Lowers and compiles the step ahead of time; returns the executable."""
+                       state_shardings, teacher=None):
+  """Lowers and compiles the step ahead of time; returns the executable.
+
+  teacher: (model, params) of the distillation teacher; the executable then
+  takes its params as a third argument.
+  """
   sharding = batch_sharding(mesh, rules)
   batch_shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
                   for k, v in dummy_batch(config, config.train.batch_size).items()}
-  step = jax.jit(make_train_step(model, tx, schedule, config, TextIds.of(tokenizer)),
-                 in_shardings=(state_shardings, sharding),
-                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+  args, in_shardings = (state_shapes, batch_shapes), (state_shardings, sharding)
+  if teacher is not None:
+    args += (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          teacher[1]),)
+    in_shardings += (jax.tree.map(lambda x: x.sharding, teacher[1]),)
+  step = jax.jit(make_train_step(model, tx, schedule, config, TextIds.of(tokenizer),
+                                 None if teacher is None else teacher[0]),
+                 in_shardings=in_shardings, out_shardings=(state_shardings, None),
+                 donate_argnums=(0,))
   with mesh_context(mesh, rules):
-    return step.lower(state_shapes, batch_shapes).compile()
+    return step.lower(*args).compile()
+
+
+def load_teacher(config, workdir, mesh, rules):
+  """(model, params) of config.distill.teacher, frozen, in this run's mesh.
+
+  `validate` has checked that it reads the student's image size and text
+  length; here, that it reads the same token ids.
+  """
+  teacher = _distill_teacher(config)
+  if tokenizer_fingerprint(teacher) != tokenizer_fingerprint(workdir):
+    raise ConfigError(f"config.distill.teacher={teacher!r} has another tokenizer than {workdir!r}; "
+                      "the teacher reads the student's token ids, so the student must use its "
+                      "tokenizer (leave config.data.tokenizer empty in a fresh workdir).")
+  model, params, _, _, _ = restore_model(teacher, mesh, rules)
+  return model, params
 
 
 def _describe(mesh, state):
@@ -124,11 +155,14 @@ def compile_cluster_step(config, mesh, rules, state_shapes, state_shardings):
 class _Compiled:
   """The model, state layout and compiled functions for one K_max."""
 
-  def __init__(self, config, tokenizer, tx, schedule, mesh, rules):
+  def __init__(self, config, tokenizer, tx, schedule, mesh, rules, teacher=None):
     self.model = build_model(config, tokenizer.vocab_size)
     self.shapes, self.shardings = abstract_state(self.model, tx, config, mesh, rules)
-    self.step_fn = compile_train_step(self.model, tx, schedule, config, tokenizer, mesh, rules,
-                                      self.shapes, self.shardings)
+    step_fn = compile_train_step(self.model, tx, schedule, config, tokenizer, mesh, rules,
+                                 self.shapes, self.shardings, teacher)
+    # The teacher's params (frozen) go in with every batch.
+    self.step_fn = step_fn if teacher is None else (
+        lambda state, batch: step_fn(state, batch, teacher[1]))
     self.cluster_fn = None
     if clustering_on(config):
       self.cluster_fn = compile_cluster_step(config, mesh, rules, self.shapes, self.shardings)
@@ -185,7 +219,8 @@ def train(config, workdir):
   tokenizer = get_tokenizer(config, workdir, train_source)
   num_steps = config.train.num_steps
   tx, schedule = make_optimizer(config.optim, num_steps)
-  build = lambda: _Compiled(config, tokenizer, tx, schedule, mesh, rules)   # noqa: E731
+  teacher = load_teacher(config, workdir, mesh, rules) if _distill_teacher(config) else None
+  build = lambda: _Compiled(config, tokenizer, tx, schedule, mesh, rules, teacher)   # noqa: E731
   compiled = build()
 
   data_iter = make_train_iterator(

@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import optax
 
 from clusjax.clustering import cluster_prototypes
+from clusjax.config import itc_kind
 from clusjax.losses import (clip_temperature, infonce_from_logits, itc_logits, itm_loss, itm_pairs,
-                            mask_tokens, mlm_loss, noun_codes,
-                            prompt_label_loss, sample_hard_negatives,
+                            distillation_loss, mask_tokens, mlm_loss, noun_codes,
+                            prompt_label_loss, sample_hard_negatives, siglip_loss, softclip_loss,
                             swap_prediction_loss)
 from clusjax.models.clus import ClusModel
 from clusjax.train.state import is_prototype_leaf
@@ -57,11 +58,38 @@ def _weights(loss_config):
   return {k: v for k, v in w.items() if v > 0}
 
 
-def compute_losses(model, params, batch, rng, config, text_ids, active):
+def contrastive_loss(loss_config, out, logits, negative_logits=None):
+  """The ITC term of kind `loss.itc.kind` from the towers' outputs and the ITC logits [B, B]."""
+  kind = itc_kind(loss_config)
+  if kind == "siglip":
+    return siglip_loss(out["image_feats"], out["text_feats"], out["siglip_log_temperature"],
+                       out["siglip_bias"])
+  if kind == "label_smooth":   # targets (1 - a) I + a / B: SoftCLIP against uniform "self" rows
+    uniform = jnp.zeros_like(logits)
+    return softclip_loss(logits, uniform, uniform, beta=loss_config.itc.label_smoothing,
+                         relation_weight=0.0, symmetric_kl=False)
+  if kind == "softclip":
+    self_logits = [itc_logits(out[k], out[k], out["temperature"])
+                   for k in ("image_feats", "text_feats")]
+    return softclip_loss(logits, *self_logits, **loss_config.itc.softclip)
+  return infonce_from_logits(logits, negative_logits)
+
+
+def distilled_itc(logits, teacher_logits, distill_config):
+  """The ITC term under distillation (paper Eq. 1): `distillation_loss` of the
+  image->text rows and of the text->image rows, averaged; the labels are the pairs."""
+  labels = jnp.arange(logits.shape[0])
+  kw = dict(alpha=distill_config.alpha, temperature=distill_config.temperature)
+  return 0.5 * (distillation_loss(logits, teacher_logits, labels, **kw)
+                + distillation_loss(logits.T, teacher_logits.T, labels, **kw))
+
+
+def compute_losses(model, params, batch, rng, config, text_ids, active, teacher=None):
   """Forward passes and the weighted objective.
 
   Args:
     active: bool [K_max], the active prototypes.
+    teacher: (teacher model, its params) when config.distill.teacher is set.
   Returns:
     (total loss, dict of per-term scalars for logging).
   """
@@ -84,7 +112,13 @@ def compute_losses(model, params, batch, rng, config, text_ids, active):
       negative_logits = jnp.where(batch["neg_valid"][None, :],
                                   itc_logits(out["image_feats"], neg_feats, out["temperature"]),
                                   -jnp.inf)
-    terms["itc"] = infonce_from_logits(logits, negative_logits)
+    if teacher is not None:
+      teacher_model, teacher_params = teacher
+      t_out = teacher_model.apply({"params": teacher_params}, images, ids, mask)
+      teacher_logits = itc_logits(t_out["image_feats"], t_out["text_feats"], t_out["temperature"])
+      terms["itc"] = distilled_itc(logits, teacher_logits, config.distill)
+    else:
+      terms["itc"] = contrastive_loss(config.loss, out, logits, negative_logits)
 
   if "prompt" in weights or "noun_code" in weights:
     label_noun = batch["label_noun"].reshape(-1)   # [B, k] -> B * k labels
@@ -183,15 +217,17 @@ def make_cluster_step(config):
   return cluster_step
 
 
-def make_train_step(model, tx, schedule, config, text_ids):
-  """Builds `train_step(state, batch) -> (state, metrics)`, to be jitted."""
+def make_train_step(model, tx, schedule, config, text_ids, teacher_model=None):
+  """Builds `train_step(state, batch[, teacher_params]) -> (state, metrics)`, to be
+  jitted; with `teacher_model` the step takes the teacher's (frozen) params."""
   if not _weights(config.loss):
     raise ValueError("every loss weight in config.loss is 0: nothing to train.")
 
-  def train_step(state, batch):
+  def train_step(state, batch, teacher_params=None):
     rng = jax.random.fold_in(state.rng, state.step)
+    teacher = None if teacher_model is None else (teacher_model, teacher_params)
     grad_fn = jax.value_and_grad(
-        lambda p: compute_losses(model, p, batch, rng, config, text_ids, state.active),
+        lambda p: compute_losses(model, p, batch, rng, config, text_ids, state.active, teacher),
         has_aux=True)
     (loss, (terms, out)), grads = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -20,6 +20,26 @@ def test_nouns_of_shapes_captions_are_their_kinds():
     assert find_nouns(caption, STOP) == list(dict.fromkeys(kinds)), caption
 
 
+def test_phrases_of_shapes_captions_are_their_shapes():
+  split = shapes.make_split("train", 300, 32)
+  for i, caption in enumerate(split["captions"]):
+    described = [f"{shapes.SIZES[s]} {shapes.COLOURS[c]} {shapes.KINDS[k]}"
+                 for k, c, s in zip(split["kind"][i], split["colour"][i], split["size"][i])
+                 if k >= 0]
+    assert find_nouns(caption, STOP, phrases=True) == list(dict.fromkeys(described)), caption
+
+
+def test_phrases_of_other_captions():
+  assert find_nouns("A black background with an old man riding a brown horse.", STOP,
+                    phrases=True) == ["old man", "brown horse"]
+  # Labels come from the nouns and their phrases.
+  labeler = PromptLabeler(("a photo of a {}.",), 2, 3, 10, STOP, phrases=True)
+  texts, label_noun, caption_nouns = labeler("two red dogs in the snow.", 0)
+  assert sorted(texts) == ["a photo of a dogs.", "a photo of a red dogs."]
+  assert sorted(label_noun) == sorted([noun_id("dogs"), noun_id("red dogs")])
+  assert list(caption_nouns) == [noun_id("dogs"), noun_id("red dogs"), 0]
+
+
 @pytest.mark.parametrize("caption,nouns", [
     ("A man riding a horse on the beach.", ["man", "horse"]),
     ("Two dogs playing in the snow", ["dogs"]),

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from clusjax.eval import recall_at_k
 
@@ -53,3 +54,14 @@ def test_rerank_reorders_only_the_top_k():
   for i in range(n):
     top = set(np.argsort(-sim[i])[:k])
     assert set(np.argsort(-i2t[i])[:k]) == top
+
+
+def test_mean_top1_probability():
+  from clusjax.eval.retrieval import mean_top1_probability
+  sim = np.array([[1.0, 0.0], [0.5, 0.5]])
+  p0 = np.exp(10.0) / (np.exp(10.0) + 1.0)
+  assert mean_top1_probability(sim, 10.0) == pytest.approx((p0 + 0.5) / 2)
+  rng = np.random.default_rng(0)
+  sim = rng.uniform(-1, 1, (20, 30))
+  # A larger scale (a lower temperature) makes the softmax more peaked.
+  assert mean_top1_probability(sim, 50.0) > mean_top1_probability(sim, 5.0) > 1 / 30

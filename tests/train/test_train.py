@@ -7,14 +7,16 @@ import numpy as np
 import pytest
 
 from clusjax import workdir as wd
-from clusjax.config import caption_negative_groups
+from clusjax.config import caption_negative_groups, validate
 from clusjax.data import Tokenizer, make_source, make_train_iterator
 from clusjax.data.prompts import labeler_from_config
+from clusjax.losses import itc_logits
 from clusjax.models.clus import build_model
 from clusjax.parallel.mesh import batch_sharding, create_mesh, rules_from_config
 from clusjax.train.loop import compile_train_step, train
 from clusjax.train.optimizer import make_optimizer
-from clusjax.train.state import abstract_state, init_state
+from clusjax.train.step import contrastive_loss
+from clusjax.train.state import abstract_state, dummy_batch, init_state
 from tests.conftest import micro_config
 
 
@@ -81,6 +83,37 @@ def test_step_on_8_devices_equals_1_device(data):
   # The big matrices are really split on 8 devices.
   kernels = [x for x in jax.tree.leaves(state8.params) if x.ndim >= 2 and x.size >= 32 * 64]
   assert any(k.addressable_shards[0].data.size < k.size for k in kernels)
+
+
+@pytest.mark.parametrize("kind", ["siglip", "softclip", "label_smooth"])
+def test_itc_kind_is_the_term_the_step_trains(data, kind):
+  """loss.itc.kind swaps the contrastive term: the step's `itc` is that loss of the
+  towers' outputs (ITC only, so the step is small), and SigLIP's scalars learn."""
+  config, tokenizer, batch = data
+  config = config.copy_and_resolve_references()
+  config.data.caption_negatives = ()
+  config.loss.itc.kind = kind
+  for key in ("itm_weight", "mlm_weight", "swap_weight", "prompt_weight", "noun_code_weight"):
+    config.loss[key] = 0.0
+  validate(config)
+  batch = {k: batch[k] for k in dummy_batch(config, 1)}   # the fields an ITC-only step takes
+  mesh = create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  model = build_model(config, tokenizer.vocab_size)
+  tx, _ = make_optimizer(config.optim, config.train.num_steps)
+  _, shardings = abstract_state(model, tx, config, mesh, rules_from_config(config))
+  before = jax.device_get(init_state(model, tx, config, shardings).params)
+  out = model.apply({"params": before}, batch["image"], batch["text_ids"], batch["text_mask"])
+  expected = contrastive_loss(config.loss, out, itc_logits(out["image_feats"], out["text_feats"],
+                                                           out["temperature"]))
+  state, m1, _ = _one_step(config, tokenizer, batch, mesh)
+  np.testing.assert_allclose(m1["itc"], expected, rtol=1e-5)
+  assert m1["loss"] == pytest.approx(float(m1["itc"]), rel=1e-6)
+  if kind == "siglip":
+    assert before["siglip_log_temperature"] == pytest.approx(np.log(10.0))
+    assert before["siglip_bias"] == -10.0
+    assert state.params["siglip_bias"] != before["siglip_bias"]
+  else:
+    assert "siglip_bias" not in before
 
 
 def _metrics(workdir):
