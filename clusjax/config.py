@@ -148,6 +148,7 @@ def _validate_prompt_labels(config):
 
 
 ITC_KINDS = ("infonce", "siglip", "softclip", "label_smooth")
+SOFTCLIP_SELF_SIMILARITY = ("features", "tags")
 
 
 def itc_kind(loss_config):
@@ -167,6 +168,7 @@ def _validate_itc(config):
     beta = _number(config, "loss.itc.softclip.beta", 0.0, 1.0)
     _number(config, "loss.itc.softclip.relation_weight", 0.0)
     _number(config, "loss.itc.softclip.clip_weight", 0.0)
+    _choice(config, "loss.itc.softclip.self_similarity", SOFTCLIP_SELF_SIMILARITY)
     if _check_type(config, "loss.itc.softclip.symmetric_kl", (bool,), "True or False") and not beta:
       raise ConfigError("config.loss.itc.softclip.beta=0 with symmetric_kl=True: KL(p || t) is "
                         "infinite against one-hot targets; set beta > 0 or symmetric_kl=False.")

@@ -128,10 +128,14 @@ def get_config(arg=None):
   # learnable log temperature and bias; Zhai et al. 2023) | softclip (targets
   # softened by each modality's self-similarity; Gao et al. 2023) |
   # label_smooth (InfoNCE with label smoothing, SoftCLIP's baseline).
+  # softclip.self_similarity: features (the batch's image and text features)
+  # | tags (the caption's noun phrases, "small red circle, large blue
+  # square", through the text tower: on the built-in data, each image's objects).
   c.loss.itc = ml_collections.ConfigDict(dict(
       kind="infonce", label_smoothing=0.1,
       softclip=ml_collections.ConfigDict(dict(
-          beta=0.3, relation_weight=1.0, symmetric_kl=True, clip_weight=0.0))))
+          beta=0.3, relation_weight=1.0, symmetric_kl=True, clip_weight=0.0,
+          self_similarity="features"))))
   c.loss.itm_weight = 1.0
   c.loss.mlm_weight = 1.0
   c.loss.swap_weight = 1.0

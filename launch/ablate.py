@@ -1,7 +1,7 @@
 """Compare contrastive objectives on one config: rows x seeds, one table.
 
     python launch/ablate.py --config=configs/clus_base.py:tiny --workdir=workdirs/ablate \
-        --rows=clip,softclip,label_smooth,siglip --seeds=2 [--config.a.b=value ...]
+        --rows=clip,softclip,softclip_tags,label_smooth,siglip --seeds=2 [--config.a.b=value ...]
 
 Each row is the config with one change (ROWS below); each (row, seed) trains
 for the config's steps in <workdir>/<row>/seed<k> and is evaluated as
@@ -22,11 +22,17 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+# Make `clusjax` importable from a plain checkout too (no `pip install -e .`).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from clusjax.cli import fail, parse_flags  # noqa: E402
+
 # Row -> config overrides (keys with dots). The seed sets config.seed (init,
 # dropout, masking) and config.data.seed (order of the batches).
 ROWS = {
     "clip": {},                                       # InfoNCE (CLIP / ALBEF ITC)
-    "softclip": {"loss.itc.kind": "softclip"},        # Gao et al. 2023
+    "softclip": {"loss.itc.kind": "softclip"},        # Gao et al. 2023, feature self-similarity
+    "softclip_tags": {"loss.itc.kind": "softclip",    # ... of each caption's objects (tags)
+                      "loss.itc.softclip.self_similarity": "tags"},
     "label_smooth": {"loss.itc.kind": "label_smooth"},  # SoftCLIP's baseline
     "siglip": {"loss.itc.kind": "siglip"},            # Zhai et al. 2023
 }
@@ -39,11 +45,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:va
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and the table go.")
 _ROWS = flags.DEFINE_list("rows", list(ROWS), f"Rows to run, of: {', '.join(ROWS)}.")
 _SEEDS = flags.DEFINE_integer("seeds", 2, "Seeds per row (0, 1, ...).")
-
-
-def _fail(message):
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(2)
 
 
 def row_config(config, row, seed):
@@ -114,17 +115,12 @@ def bar_chart(summary, file):
 
 
 def main(argv):
-  try:
-    flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e))
-  if _CONFIG.value is None or _WORKDIR.value is None:
-    _fail("--config and --workdir are required, e.g. --config=configs/clus_base.py:tiny")
+  parse_flags(argv, {"config": "configs/clus_base.py:tiny", "workdir": "workdirs/ablate"})
   unknown = [r for r in _ROWS.value if r not in ROWS]
   if unknown:
-    _fail(f"--rows: unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}.")
+    fail(f"--rows: unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}.")
   if _SEEDS.value < 1:
-    _fail(f"--seeds={_SEEDS.value} must be >= 1.")
+    fail(f"--seeds={_SEEDS.value} must be >= 1.")
   from clusjax.config import ConfigError, validate
   configs = {}
   for row in _ROWS.value:
@@ -133,7 +129,7 @@ def main(argv):
         configs[row, seed] = row_config(_CONFIG.value, row, seed)
         validate(configs[row, seed])
       except ConfigError as e:
-        _fail(f"row {row!r}: {e}")
+        fail(f"row {row!r}: {e}")
 
   from absl import logging
   logging.set_verbosity(logging.WARNING)
@@ -158,5 +154,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   main(sys.argv)

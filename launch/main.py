@@ -15,6 +15,10 @@ import time
 from absl import flags, logging
 from ml_collections import config_flags
 
+# Make `clusjax` importable from a plain checkout too (no `pip install -e .`).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from clusjax.cli import fail, parse_flags  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
@@ -26,42 +30,14 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "--mode=export: replace an existing <workdir>/export.")
 
 
-def _fail(message):
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(2)
-
-
-def parse_flags(argv):
-  """Parses flags; turns ml_collections' tracebacks into one line naming the key."""
-  try:
-    flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e))
-  except (AttributeError, KeyError) as e:
-    # config_flags raises these, with only the last path component, for an
-    # unknown --config.a.b: name the whole flag instead.
-    name = str(e).strip("\"'")
-    bad = [a.split("=")[0] for a in argv if a.startswith("--config.")
-           and name in a.split("=")[0].split(".")]
-    key = bad[0][2:] if bad else name
-    _fail(f"unknown config key {key!r}: not in the config file (see configs/clus_base.py "
-          f"for the keys).")
-  except (TypeError, ValueError) as e:
-    _fail(f"{type(e).__name__}: {e}")
-  if _CONFIG.value is None:
-    _fail("--config is required, e.g. --config=configs/clus_base.py:tiny")
-  if _WORKDIR.value is None:
-    _fail("--workdir is required")
-
-
 def main(argv):
-  parse_flags(argv)
+  parse_flags(argv, {"config": "configs/clus_base.py:tiny", "workdir": "workdirs/tiny"})
   config, workdir = _CONFIG.value, _WORKDIR.value
   from clusjax.config import ConfigError, validate
   try:
     validate(config)  # no jax needed: types and values, in milliseconds
   except ConfigError as e:
-    _fail(str(e))
+    fail(str(e))
 
   # Orbax and TFDS log every save and read at INFO; keep the console for
   # the progress bar and the run's own messages.
@@ -74,14 +50,14 @@ def main(argv):
     try:
       out = export_pytorch(workdir, overwrite=_OVERWRITE.value)
     except (FileNotFoundError, FileExistsError) as e:
-      _fail(str(e))
+      fail(str(e))
     print(f"Exported {workdir} to {out} (see {os.path.join(out, 'README.md')}).", flush=True)
     return
   import jax
   try:
     validate(config, jax.device_count())  # mesh and batch divisibility
   except ConfigError as e:
-    _fail(str(e))
+    fail(str(e))
   from clusjax.api import Pretrained, load_pretrained
   from clusjax.eval import evaluate
 
@@ -91,7 +67,7 @@ def main(argv):
     try:
       model, state, tokenizer = train(config, workdir)
     except ConfigError as e:   # found only once the workdir is read (a teacher's tokenizer)
-      _fail(str(e))
+      fail(str(e))
     print(f"Trained to step {int(state.step)} in {time.perf_counter() - start:.0f} s.", flush=True)
     if not config.train.eval_at_end:
       return
@@ -104,6 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # Make `clusjax` importable from a plain checkout too (no `pip install -e .`).
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   main(sys.argv)

@@ -130,12 +130,12 @@ class _DecodeIndex:
   """
 
   def __init__(self, source, image_size, tokenizer, max_text_len, keep_caption=False,
-               negative_groups=(), seed=0, prompt_labeler=None):
+               negative_groups=(), seed=0, prompt_labeler=None, tagger=None):
     self.source, self.image_size = source, image_size
     self.tokenizer, self.max_text_len = tokenizer, max_text_len
     self.keep_caption = keep_caption
     self.negative_groups, self.seed = negative_groups, seed
-    self.prompt_labeler = prompt_labeler
+    self.prompt_labeler, self.tagger = prompt_labeler, tagger
 
   def __call__(self, index):
     index = int(index)
@@ -155,6 +155,9 @@ class _DecodeIndex:
       example.update(neg_text_ids=ids, neg_text_mask=mask, neg_valid=negative is not None)
     if self.prompt_labeler is not None:
       example.update(self._labels(record["caption"], index))
+    if self.tagger is not None:
+      ids, mask = self._encode_or_pad(self.tagger(record["caption"]), self.max_text_len)
+      example.update(tag_ids=ids, tag_mask=mask)
     return example
 
   def _encode_or_pad(self, text, length):
@@ -202,7 +205,7 @@ class _DropBad:
 
 def make_train_iterator(source, *, global_batch_size, seed, image_size, tokenizer, max_text_len,
                         process_index=0, process_count=1, num_workers=0, negative_groups=(),
-                        prompt_labeler=None):
+                        prompt_labeler=None, tagger=None):
   """Infinite, shuffled, per-process batches of `source`.
 
   Each process reads records [process_index : n' : process_count], with n'
@@ -220,7 +223,8 @@ def make_train_iterator(source, *, global_batch_size, seed, image_size, tokenize
     With `prompt_labeler` (`clusjax.data.prompts.PromptLabeler`, k nouns)
     also the prompt-template labels: "label_ids" / "label_mask" [b, k,
     labeler.max_text_len], "label_noun" int32 [b, k] (0 = no label) and
-    "caption_nouns" int32 [b, max_nouns].
+    "caption_nouns" int32 [b, max_nouns]. With `tagger` (caption -> text,
+    `clusjax.data.prompts.caption_tags`) also "tag_ids" / "tag_mask" [b, L].
   """
   if global_batch_size % process_count:
     raise ValueError(f"global batch size {global_batch_size} is not divisible by the number of "
@@ -240,7 +244,7 @@ def make_train_iterator(source, *, global_batch_size, seed, image_size, tokenize
   ds = ds.shuffle(seed=shuffle_seed).repeat(None)
   ds = ds.map(_DecodeIndex(source, image_size, tokenizer, max_text_len,
                            negative_groups=negative_groups, seed=seed,
-                           prompt_labeler=prompt_labeler))
+                           prompt_labeler=prompt_labeler, tagger=tagger))
   # Enough read-ahead for about two batches; Grain's default (500) wastes work
   # when a test or an eval drops the iterator early.
   read = grain.ReadOptions(num_threads=READ_THREADS,

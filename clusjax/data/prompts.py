@@ -23,6 +23,7 @@ vocabulary of nouns. The draw is `np.random.default_rng([seed, index, 2])`:
 example `index` gets the same labels on every read, and a resumed run sees
 the same batches.
 """
+import functools
 import re
 import zlib
 
@@ -61,6 +62,13 @@ def find_nouns(caption, stop_nouns=(), phrases=False):
     elif phrase is not None:
       phrase.append(token)
   return list(dict.fromkeys(nouns))
+
+
+def caption_tags(caption, stop_nouns=()):
+  """The objects a caption names, as one text: its noun phrases joined by ", "
+  ("small red circle, large blue square"); SoftCLIP's tags. On the built-in
+  shapes, exactly the shapes of the image."""
+  return ", ".join(find_nouns(caption, stop_nouns, phrases=True))
 
 
 def noun_id(noun):
@@ -110,3 +118,12 @@ def labeler_from_config(config):
   return PromptLabeler(pc.templates, pc.num_nouns, pc.max_nouns, pc.max_text_len, pc.stop_nouns,
                        config.data.seed, pc.get("phrases", False))
 
+
+
+def tagger_from_config(config):
+  """caption -> tag text (`caption_tags`) when the run needs tags (SoftCLIP's
+  self-similarity from tags), else None. Picklable for Grain workers."""
+  itc = config.loss.get("itc")
+  if itc is None or itc.kind != "softclip" or itc.softclip.get("self_similarity") != "tags":
+    return None
+  return functools.partial(caption_tags, stop_nouns=tuple(config.prompt_labels.stop_nouns))

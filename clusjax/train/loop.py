@@ -19,7 +19,7 @@ from clusjax import workdir as wd
 from clusjax.clustering import next_k_max, write_cluster_plots
 from clusjax.config import ConfigError, caption_negative_groups, validate
 from clusjax.data import Tokenizer, make_source, make_train_iterator
-from clusjax.data.prompts import labeler_from_config
+from clusjax.data.prompts import labeler_from_config, tagger_from_config
 from clusjax.models.clus import build_model
 from clusjax.parallel.mesh import (batch_sharding, create_mesh, mesh_context,
                                    per_device_bytes, rules_from_config)
@@ -229,7 +229,7 @@ def train(config, workdir):
       max_text_len=config.data.max_text_len, process_index=jax.process_index(),
       process_count=jax.process_count(), num_workers=config.data.num_workers,
       negative_groups=caption_negative_groups(config.data.caption_negatives),
-      prompt_labeler=labeler_from_config(config))
+      prompt_labeler=labeler_from_config(config), tagger=tagger_from_config(config))
   if ckpt.latest_step() is not None:
     state = ckpt.restore(compiled.shapes, data_iter)
     if is_main:

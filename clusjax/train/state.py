@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clusjax.clustering import grow_prototypes
-from clusjax.data.prompts import labeler_from_config
+from clusjax.data.prompts import labeler_from_config, tagger_from_config
 from clusjax.parallel.mesh import logical_shardings
 
 
@@ -45,6 +45,9 @@ def dummy_batch(config, batch_size=1):
                  label_mask=np.ones((batch_size, k, label_len), bool),
                  label_noun=np.ones((batch_size, k), np.int32),
                  caption_nouns=np.ones((batch_size, labeler.max_nouns), np.int32))
+  if tagger_from_config(config) is not None:
+    batch.update(tag_ids=np.zeros((batch_size, length), np.int32),
+                 tag_mask=np.ones((batch_size, length), bool))
   return batch
 
 

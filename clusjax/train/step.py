@@ -69,9 +69,12 @@ def contrastive_loss(loss_config, out, logits, negative_logits=None):
     return softclip_loss(logits, uniform, uniform, beta=loss_config.itc.label_smoothing,
                          relation_weight=0.0, symmetric_kl=False)
   if kind == "softclip":
-    self_logits = [itc_logits(out[k], out[k], out["temperature"])
-                   for k in ("image_feats", "text_feats")]
-    return softclip_loss(logits, *self_logits, **loss_config.itc.softclip)
+    sc = loss_config.itc.softclip
+    # Tags: one self-similarity (of each example's objects) for both directions.
+    keys = ("tag_feats",) * 2 if "tag_feats" in out else ("image_feats", "text_feats")
+    self_logits = [itc_logits(out[k], out[k], out["temperature"]) for k in keys]
+    return softclip_loss(logits, *self_logits, beta=sc.beta, relation_weight=sc.relation_weight,
+                         symmetric_kl=sc.symmetric_kl, clip_weight=sc.clip_weight)
   return infonce_from_logits(logits, negative_logits)
 
 
@@ -112,6 +115,10 @@ def compute_losses(model, params, batch, rng, config, text_ids, active, teacher=
       negative_logits = jnp.where(batch["neg_valid"][None, :],
                                   itc_logits(out["image_feats"], neg_feats, out["temperature"]),
                                   -jnp.inf)
+    if "tag_ids" in batch:   # SoftCLIP's tags: targets only, so no gradient
+      _, tag_feats = model.apply(variables, batch["tag_ids"], batch["tag_mask"],
+                                 method=ClusModel.encode_text)
+      out = {**out, "tag_feats": jax.lax.stop_gradient(tag_feats)}
     if teacher is not None:
       teacher_model, teacher_params = teacher
       t_out = teacher_model.apply({"params": teacher_params}, images, ids, mask)

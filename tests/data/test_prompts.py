@@ -5,7 +5,7 @@ import pytest
 from clusjax import data
 from clusjax.config import ConfigError, validate
 from clusjax.data import shapes
-from clusjax.data.prompts import PromptLabeler, find_nouns, noun_id
+from clusjax.data.prompts import PromptLabeler, caption_tags, find_nouns, noun_id, tagger_from_config
 from configs import clus_base
 from tests.conftest import CaptionSource
 
@@ -20,13 +20,14 @@ def test_nouns_of_shapes_captions_are_their_kinds():
     assert find_nouns(caption, STOP) == list(dict.fromkeys(kinds)), caption
 
 
-def test_phrases_of_shapes_captions_are_their_shapes():
+def test_phrases_and_tags_of_shapes_captions_are_their_shapes():
   split = shapes.make_split("train", 300, 32)
   for i, caption in enumerate(split["captions"]):
     described = [f"{shapes.SIZES[s]} {shapes.COLOURS[c]} {shapes.KINDS[k]}"
                  for k, c, s in zip(split["kind"][i], split["colour"][i], split["size"][i])
                  if k >= 0]
     assert find_nouns(caption, STOP, phrases=True) == list(dict.fromkeys(described)), caption
+    assert caption_tags(caption, STOP) == ", ".join(dict.fromkeys(described))
 
 
 def test_phrases_of_other_captions():
@@ -88,10 +89,14 @@ def test_train_batches_carry_the_labels(tmp_path):
   tok = data.Tokenizer.train(captions * 4, tmp_path / "t.model", 128)
   labeler = PromptLabeler(TEMPLATES, num_nouns=2, max_nouns=3, max_text_len=10,
                           stop_nouns=STOP, seed=5)
+  config = clus_base.get_config("tiny")
+  config.loss.itc.kind, config.loss.itc.softclip.self_similarity = "softclip", "tags"
+  tagger = tagger_from_config(config)
   it = data.make_train_iterator(CaptionSource(captions), global_batch_size=16, seed=5,
                                 image_size=8, tokenizer=tok, max_text_len=40,
-                                prompt_labeler=labeler)
+                                prompt_labeler=labeler, tagger=tagger)
   batch = next(it)
+  assert batch["tag_ids"].shape == batch["tag_mask"].shape == (16, 40)
   assert batch["label_ids"].shape == batch["label_mask"].shape == (16, 2, 10)
   assert batch["label_noun"].shape == (16, 2) and batch["caption_nouns"].shape == (16, 3)
   for i in range(16):
@@ -105,6 +110,10 @@ def test_train_batches_carry_the_labels(tmp_path):
         assert not mask.any()
         continue
       assert tok.decode(row[mask]) == tok.decode(tok.encode_one(text, 10)[0])
+    tags = caption_tags(captions[index], config.prompt_labels.stop_nouns)
+    assert batch["tag_mask"][i].any() == bool(tags)   # "nothing to label": no tags, all padding
+    if tags:
+      assert tok.decode(batch["tag_ids"][i][batch["tag_mask"][i]]) == [tags]
   assert not batch["label_noun"].all()   # "nothing to label" and 1-noun captions
 
 

@@ -9,9 +9,9 @@ import pytest
 from clusjax import workdir as wd
 from clusjax.config import caption_negative_groups, validate
 from clusjax.data import Tokenizer, make_source, make_train_iterator
-from clusjax.data.prompts import labeler_from_config
+from clusjax.data.prompts import caption_tags, labeler_from_config
 from clusjax.losses import itc_logits
-from clusjax.models.clus import build_model
+from clusjax.models.clus import ClusModel, build_model
 from clusjax.parallel.mesh import batch_sharding, create_mesh, rules_from_config
 from clusjax.train.loop import compile_train_step, train
 from clusjax.train.optimizer import make_optimizer
@@ -85,14 +85,21 @@ def test_step_on_8_devices_equals_1_device(data):
   assert any(k.addressable_shards[0].data.size < k.size for k in kernels)
 
 
-@pytest.mark.parametrize("kind", ["siglip", "softclip", "label_smooth"])
+@pytest.mark.parametrize("kind", ["siglip", "softclip", "softclip_tags", "label_smooth"])
 def test_itc_kind_is_the_term_the_step_trains(data, kind):
   """loss.itc.kind swaps the contrastive term: the step's `itc` is that loss of the
   towers' outputs (ITC only, so the step is small), and SigLIP's scalars learn."""
   config, tokenizer, batch = data
   config = config.copy_and_resolve_references()
   config.data.caption_negatives = ()
-  config.loss.itc.kind = kind
+  config.loss.itc.kind = kind.replace("_tags", "")
+  if kind == "softclip_tags":   # the self-similarity of each caption's objects
+    config.loss.itc.softclip.self_similarity = "tags"
+    tags = [caption_tags(tokenizer.decode(ids[mask])[0]) for ids, mask in
+            zip(batch["text_ids"], batch["text_mask"])]
+    assert all(tags) and len(set(tags)) > 1
+    batch = dict(batch, **dict(zip(("tag_ids", "tag_mask"),
+                                   tokenizer.encode(tags, config.data.max_text_len))))
   for key in ("itm_weight", "mlm_weight", "swap_weight", "prompt_weight", "noun_code_weight"):
     config.loss[key] = 0.0
   validate(config)
@@ -103,6 +110,9 @@ def test_itc_kind_is_the_term_the_step_trains(data, kind):
   _, shardings = abstract_state(model, tx, config, mesh, rules_from_config(config))
   before = jax.device_get(init_state(model, tx, config, shardings).params)
   out = model.apply({"params": before}, batch["image"], batch["text_ids"], batch["text_mask"])
+  if kind == "softclip_tags":
+    out["tag_feats"] = model.apply({"params": before}, batch["tag_ids"], batch["tag_mask"],
+                                   method=ClusModel.encode_text)[1]
   expected = contrastive_loss(config.loss, out, itc_logits(out["image_feats"], out["text_feats"],
                                                            out["temperature"]))
   state, m1, _ = _one_step(config, tokenizer, batch, mesh)
