@@ -5,6 +5,7 @@ logical axis names; `config.sharding.rules` maps those to mesh axes, so
 changing the parallelism is a config edit (MaxText style).
 """
 import contextlib
+import math
 
 import flax.linen as nn
 import jax
@@ -58,9 +59,11 @@ def mesh_context(mesh, rules):
 
 
 def per_device_bytes(tree):
-  """Bytes one device holds of a tree of (possibly sharded) jax.Arrays."""
+  """Bytes one device holds of a tree of (possibly sharded) jax.Arrays, or of
+  ShapeDtypeStructs with shardings (a state that is compiled, never made)."""
   total = 0
   for leaf in jax.tree.leaves(tree):
-    shard = leaf.addressable_shards[0].data if hasattr(leaf, "addressable_shards") else leaf
-    total += shard.size * shard.dtype.itemsize
+    sharding = getattr(leaf, "sharding", None)
+    shape = leaf.shape if sharding is None else sharding.shard_shape(leaf.shape)
+    total += math.prod(shape) * leaf.dtype.itemsize
   return total

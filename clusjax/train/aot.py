@@ -5,7 +5,6 @@ pod-slice config on a CPU machine before the slice is booked; on the devices
 at hand it gives the same figures for the real run.
 """
 import dataclasses
-import math
 import os
 import time
 import traceback
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clusjax.models.clus import build_model
-from clusjax.parallel.mesh import create_mesh, rules_from_config
+from clusjax.parallel.mesh import create_mesh, per_device_bytes, rules_from_config
 from clusjax.train.loop import compile_train_step
 from clusjax.train.optimizer import make_optimizer
 from clusjax.train.state import abstract_state
@@ -51,12 +50,6 @@ class StepCost:
             + self.code_bytes)
 
 
-def _shard_bytes(tree):
-  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings."""
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-             for x in jax.tree.leaves(tree))
-
-
 def compile_step(config, devices):
   """Compiles the run's train step over `devices` (config.mesh) -> StepCost."""
   mesh, rules = create_mesh(config.mesh, devices), rules_from_config(config)
@@ -72,7 +65,7 @@ def compile_step(config, devices):
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return StepCost(
       mesh_shape=dict(mesh.shape), num_params=sum(x.size for x in jax.tree.leaves(shapes.params)),
-      params_bytes=_shard_bytes(shapes.params), opt_state_bytes=_shard_bytes(shapes.opt_state),
+      params_bytes=per_device_bytes(shapes.params), opt_state_bytes=per_device_bytes(shapes.opt_state),
       argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
       alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
       code_bytes=mem.generated_code_size_in_bytes, flops=float(cost.get("flops", 0.0)),
