@@ -10,12 +10,21 @@ import functools
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from clusjax.data import Tokenizer
 from clusjax.losses import clip_temperature
 from clusjax.models.clus import ClusModel
 from clusjax.parallel.mesh import create_mesh
 from clusjax.train.restore import restore_model
+
+
+def _to_numpy(x):
+  """A jax.Array as numpy; one that spans other processes' devices (params on
+  a multi-host mesh) is gathered, a collective every process must call."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return multihost_utils.process_allgather(x, tiled=True)
 
 
 class Pretrained:
@@ -58,7 +67,7 @@ class Pretrained:
       if pad:
         chunk = [np.concatenate([c, np.repeat(c[-1:], pad, axis=0)]) for c in chunk]
       result = fn({"params": self.params}, *chunk)
-      out.append(jax.tree.map(lambda x: np.asarray(x)[:real], result))
+      out.append(jax.tree.map(lambda x: _to_numpy(x)[:real], result))
     return jax.tree.map(lambda *xs: np.concatenate(xs), *out)
 
   def _check_images(self, images):
@@ -118,8 +127,11 @@ class Pretrained:
     return np.asarray(jax.nn.softmax(logits, axis=-1)[:, 1], np.float32)
 
 
-def load_pretrained(workdir, step=None):
-  """Loads the latest (or `step`) checkpoint of a training workdir on one device."""
-  mesh = create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+def load_pretrained(workdir, step=None, mesh=None):
+  """Loads the latest (or `step`) checkpoint of a training workdir on one device,
+  or on `mesh` (a multi-host job passes the mesh over all processes' devices,
+  and every process then calls the model's methods with the same inputs)."""
+  if mesh is None:
+    mesh = create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   model, params, active, config, tokenizer = restore_model(workdir, mesh, step=step)
   return Pretrained(model, params, tokenizer, config, active)

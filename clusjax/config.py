@@ -5,6 +5,7 @@ Every error names the key, the bad value and, where there is one, the fix:
 This module imports no jax so that `launch/main.py` fails in well under a
 second on a bad flag.
 """
+import dataclasses
 import math
 import os
 import re
@@ -14,6 +15,11 @@ from clusjax import workdir as wd
 MESH_AXES = ("data", "fsdp", "tensor")
 DATA_SOURCES = ("shapes", "tfds", "jsonl")
 DTYPES = ("float32", "bfloat16")
+# config.remat: activation checkpointing of the transformer blocks: none, full (keep only
+# each block's input) or a jax.checkpoint_policies policy (kept here: no jax import).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "nothing_saveable", "everything_saveable", "checkpoint_dots",
+                  "checkpoint_dots_with_no_batch_dims")
 EVALUATORS = ("retrieval", "zeroshot")
 FUSIONS = ("co_attention", "self_attention")
 # clusjax.kernels.dilated_attention's implementations (kept here: no jax import).
@@ -174,6 +180,38 @@ def _validate_itc(config):
                         "infinite against one-hot targets; set beta > 0 or symmetric_kl=False.")
 
 
+def _validate_unimodal(config):
+  _number(config, "loss.unimodal.image_weight", 0.0)
+  _number(config, "loss.unimodal.text_weight", 0.0)
+  _positive_int(config, "loss.unimodal.max_shift", allow_zero=True)
+  _number(config, "loss.unimodal.brightness", 0.0, 1.0)
+  if config.loss.unimodal.brightness == 1.0:
+    raise ConfigError("config.loss.unimodal.brightness=1.0 may scale an image to black; use < 1.")
+  _number(config, "loss.unimodal.noise_std", 0.0)
+  _check_type(config, "loss.unimodal.augment_both", (bool,), "True or False")
+  _number(config, "loss.unimodal.mask_probability", 0.0, 1.0, low_open=True)
+
+
+def _validate_grad_accum(config, batch):
+  """config.grad_accum_steps (1 when absent: a workdir from before it); returns it."""
+  if config.get("grad_accum_steps") is None:
+    return 1
+  accum = _positive_int(config, "grad_accum_steps")
+  if batch % accum:
+    raise ConfigError(f"config.train.batch_size={batch} is not divisible by "
+                      f"config.grad_accum_steps={accum}.")
+  if accum > 1:
+    tags = (itc_kind(config.loss) == "softclip"
+            and config.loss.itc.softclip.self_similarity == "tags")
+    for on, what in ((config.get("distill", {}).get("teacher"), "config.distill.teacher"),
+                     (config.data.caption_negatives, "config.data.caption_negatives"),
+                     (tags, "config.loss.itc.softclip.self_similarity='tags'")):
+      if on:
+        raise ConfigError(f"config.grad_accum_steps={accum} does not work with {what} (their "
+                          "extra forward passes are not accumulated): set one of them off.")
+  return accum
+
+
 def _validate_distill(config):
   teacher = _check_type(config, "distill.teacher", (str,), 'a clusjax workdir or ""')
   if not teacher:
@@ -196,6 +234,61 @@ def _validate_distill(config):
       raise ConfigError(f"config.distill.teacher={teacher!r} was trained with data.{key}="
                         f"{teacher_data[key]}; config.data.{key}={config.data[key]}: the teacher "
                         "reads the student's batches, so they must be equal.")
+
+
+SAMPLERS = ("random", "clustered")
+# The config.loss keys a stage may set: weights only (a term whose weight is 0
+# is not computed), so every stage trains the same parameters.
+STAGE_LOSS_KEYS = ("itc_weight", "itm_weight", "mlm_weight", "swap_weight", "prompt_weight",
+                   "noun_code_weight", "unimodal.image_weight", "unimodal.text_weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  index: int
+  start: int          # first step (global step count before it)
+  end: int            # step count after its last step
+  sampler: str        # random | clustered
+  mix: float          # clustered: fraction of each batch from clusters
+  loss: tuple         # ((config.loss key, weight), ...)
+
+
+def train_stages(config):
+  """config.train.stages -> [Stage] (one random stage when empty); raises
+  ConfigError naming the bad entry."""
+  train_config = config.train
+  specs = train_config.get("stages", ()) or ({"steps": train_config.num_steps},)
+  if not isinstance(specs, (tuple, list)):
+    raise ConfigError(f"config.train.stages={specs!r} must be a tuple of dicts.")
+  stages, start = [], 0
+  for i, spec in enumerate(specs):
+    where = f"config.train.stages[{i}]"
+    if not hasattr(spec, "get"):
+      raise ConfigError(f"{where}={spec!r} must be a dict (steps, sampler, mix, loss).")
+    unknown = set(spec) - {"steps", "sampler", "mix", "loss"}
+    if unknown:
+      raise ConfigError(f"{where} has unknown key(s) {sorted(unknown)}; "
+                        "known: steps, sampler, mix, loss.")
+    steps, sampler, mix = spec.get("steps"), spec.get("sampler", "random"), spec.get("mix", 0.5)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+      raise ConfigError(f"{where}.steps={steps!r} must be an int >= 1.")
+    if sampler not in SAMPLERS:
+      raise ConfigError(f"{where}.sampler={sampler!r} must be one of {SAMPLERS}.")
+    if not isinstance(mix, (int, float)) or not 0 <= mix <= 1:
+      raise ConfigError(f"{where}.mix={mix!r} must be a number in [0, 1].")
+    loss = dict(spec.get("loss", {}))
+    for key, weight in loss.items():
+      if key not in STAGE_LOSS_KEYS:
+        raise ConfigError(f"{where}.loss sets {key!r}; a stage sets loss weights only: "
+                          f"{', '.join(STAGE_LOSS_KEYS)}.")
+      if not isinstance(weight, (int, float)) or weight < 0:
+        raise ConfigError(f"{where}.loss[{key!r}]={weight!r} must be a number >= 0.")
+    stages.append(Stage(i, start, start + steps, sampler, float(mix), tuple(sorted(loss.items()))))
+    start += steps
+  if start != train_config.num_steps:
+    raise ConfigError(f"config.train.stages have {start} steps in all; "
+                      f"config.train.num_steps={train_config.num_steps}: make them equal.")
+  return stages
 
 
 def resolve_mesh_shape(mesh_config, num_devices):
@@ -235,6 +328,7 @@ def validate(config, num_devices=None):
   """
   _positive_int(config, "seed", allow_zero=True)
   _choice(config, "dtype", DTYPES)
+  _choice(config, "remat", REMAT_POLICIES)
 
   # Data.
   _choice(config, "data.name", DATA_SOURCES)
@@ -305,6 +399,8 @@ def validate(config, num_devices=None):
   _validate_prompt_labels(config)
   _check_type(config, "loss.swap_prediction", (bool,), "True or False")
   _number(config, "loss.mlm_probability", 0.0, 1.0, low_open=True)
+  if config.loss.get("unimodal") is not None:
+    _validate_unimodal(config)
 
   # Clustering.
   num_prototypes = _positive_int(config, "clustering.num_prototypes")
@@ -338,11 +434,16 @@ def validate(config, num_devices=None):
 
   # Training loop.
   batch = _positive_int(config, "train.batch_size")
+  accum = _validate_grad_accum(config, batch)
   _positive_int(config, "train.num_steps")
   _positive_int(config, "train.log_every")
   _positive_int(config, "train.checkpoint_every")
   _positive_int(config, "train.keep_checkpoints")
   _check_type(config, "train.eval_at_end", (bool,), "True or False")
+  if config.train.get("stages"):
+    _positive_int(config, "train.cluster_pool")
+    _positive_int(config, "train.cluster_split")
+    train_stages(config)
 
   # Evaluation.
   _positive_int(config, "eval.batch_size")
@@ -383,6 +484,10 @@ def validate(config, num_devices=None):
       raise ConfigError(
           f"config.train.batch_size={batch} is not divisible by the batch axes "
           f"data x fsdp ({batch_shards}).")
+    if batch % (batch_shards * accum):
+      raise ConfigError(
+          f"config.train.batch_size={batch} is not divisible by config.grad_accum_steps={accum} "
+          f"x the batch axes data x fsdp ({batch_shards}): every microbatch is split over them.")
 
   queue, rows = config.clustering.queue_size, 2 * batch
   if queue % rows:

@@ -18,6 +18,14 @@ def get_config(arg=None):
   c.seed = 0
   # Activations and matmuls; parameters and optimizer state stay float32.
   c.dtype = "float32"
+  # Activation checkpointing of every transformer block (ViT, text, fusion, LongNet):
+  # none | full (recompute all but the block's input in the backward pass) | a
+  # jax.checkpoint_policies name (dots_saveable, nothing_saveable, ...). Params unchanged.
+  c.remat = "none"
+  # Gradient accumulation: the global batch in this many microbatches. ITC, noun
+  # codes and swap prediction still see the whole batch (features first, then
+  # each microbatch backwards); the other terms are per microbatch (README).
+  c.grad_accum_steps = 1
 
   # Mesh axis sizes; -1 = all devices left. Batch is split over data x fsdp.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -146,6 +154,15 @@ def get_config(arg=None):
   # a target for the image tower that tells nouns apart from step 0.
   c.loss.noun_code_weight = 1.0
   c.loss.mlm_probability = 0.15   # tokens masked (80% [MASK] / 10% random / 10% kept)
+  # Uni-modal contrast (TCL): image_weight for each image against an augmented
+  # view of itself (clusjax/data/augment.py: shifts of up to max_shift px,
+  # brightness, pixel noise; no flip or crop, so the caption stays true; with
+  # augment_both every other term sees a second augmented view instead of the
+  # image), text_weight for each caption against a copy with mask_probability
+  # of its tokens masked. 0 = off.
+  c.loss.unimodal = ml_collections.ConfigDict(dict(
+      image_weight=0.0, text_weight=0.0, max_shift=1, brightness=0.2, noise_std=0.03,
+      augment_both=False, mask_probability=0.15))
 
   # Distillation (paper Eq. 1): a trained clusjax workdir, frozen, whose ITC
   # logits teach the student's, both ways, in place of the ITC term:
@@ -169,6 +186,14 @@ def get_config(arg=None):
   c.train.checkpoint_every = 1_000
   c.train.keep_checkpoints = 3
   c.train.eval_at_end = True
+  # Stages (clusjax/train/stages.py): a tuple of dicts run in order, each with
+  # its steps (adding up to num_steps), sampler (random | clustered: batches
+  # from clusters of the training set, refreshed at the stage's start, mixed
+  # with random examples by `mix`) and loss weights, e.g.
+  # (dict(steps=200), dict(steps=200, sampler="clustered", mix=0.5)). () = one random stage.
+  c.train.stages = ()
+  c.train.cluster_pool = 8_192    # training examples a clustered stage embeds and clusters
+  c.train.cluster_split = 1_024   # ... and clusters larger than this are clustered again
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256

@@ -1,13 +1,15 @@
-"""Compare contrastive objectives on one config: rows x seeds, one table.
+"""Ablate Clus on one config: rows x seeds, one table.
 
     python launch/ablate.py --config=configs/clus_base.py:tiny --workdir=workdirs/ablate \
-        --rows=clip,softclip,softclip_tags,label_smooth,siglip --seeds=2 [--config.a.b=value ...]
+        [--rows=itc,clus,siglip] [--seeds=2] [--config.a.b=value ...]
 
-Each row is the config with one change (ROWS below); each (row, seed) trains
-for the config's steps in <workdir>/<row>/seed<k> and is evaluated as
-`launch/main.py` does. A run that has its eval_results.json is not redone, so
-re-running the same command resumes a killed ablation (a half-trained run
-resumes from its checkpoint). Writes, in <workdir>:
+Each row is the config with one change (ROWS below: the Clus objective built
+up term by term, then other fusion, contrastive losses, uni-modal contrast
+and clustered hard negatives); each (row, seed) trains for the config's steps
+in <workdir>/<row>/seed<k> and is evaluated as `launch/main.py` does. A run
+that has its eval_results.json is not redone, so re-running the same command
+resumes a killed ablation (a half-trained run resumes from its checkpoint).
+Writes, in <workdir>:
 
     ablation.md    mean +- standard deviation over seeds, one row per method
     ablation.json  every run's figures
@@ -26,31 +28,60 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clusjax.cli import fail, parse_flags  # noqa: E402
 
-# Row -> config overrides (keys with dots). The seed sets config.seed (init,
-# dropout, masking) and config.data.seed (order of the batches).
+# Row -> config overrides (keys with dots; a value may be a function of the
+# config), relative to the full Clus objective (configs/clus_base.py). The
+# first six build it up term by term (paper Table 5), the rest change one
+# thing of it. The seed sets config.seed (init, dropout, masking) and
+# config.data.seed (order of the batches).
+_NO_LABELS = {"loss.prompt_weight": 0.0, "loss.noun_code_weight": 0.0}
+
+
+def _clustered_stages(config):
+  half = config.train.num_steps // 2
+  return ({"steps": half},
+          {"steps": config.train.num_steps - half, "sampler": "clustered", "mix": 0.5})
+
+
 ROWS = {
-    "clip": {},                                       # InfoNCE (CLIP / ALBEF ITC)
-    "softclip": {"loss.itc.kind": "softclip"},        # Gao et al. 2023, feature self-similarity
-    "softclip_tags": {"loss.itc.kind": "softclip",    # ... of each caption's objects (tags)
+    "itc": {"loss.itm_weight": 0.0, "loss.mlm_weight": 0.0, "loss.swap_prediction": False,
+            **_NO_LABELS},                               # ITC only (CLIP / ALBEF InfoNCE)
+    "itc_itm_mlm": {"loss.swap_prediction": False, **_NO_LABELS},   # + ITM + MLM (ALBEF)
+    "swap": {"clustering.enabled": False, "longnet.depth": 0, **_NO_LABELS},  # + L_z, fixed k
+    "open_clusters": {"longnet.depth": 0, **_NO_LABELS},  # + DBSCAN sets k
+    "longnet": dict(_NO_LABELS),                         # + LongNet = Clus w/o distillation
+    "clus": {},                                          # + prompt-template labels: Clus
+    "self_attention": {"model.fusion": "self_attention"},   # fusion by self-attention
+    "softclip": {"loss.itc.kind": "softclip"},           # Gao et al. 2023, feature self-similarity
+    "softclip_tags": {"loss.itc.kind": "softclip",       # ... of each caption's objects (tags)
                       "loss.itc.softclip.self_similarity": "tags"},
-    "label_smooth": {"loss.itc.kind": "label_smooth"},  # SoftCLIP's baseline
-    "siglip": {"loss.itc.kind": "siglip"},            # Zhai et al. 2023
+    "label_smooth": {"loss.itc.kind": "label_smooth"},   # SoftCLIP's baseline
+    "unimodal": {"loss.unimodal.image_weight": 1.0,      # + image-image and text-text InfoNCE
+                 "loss.unimodal.text_weight": 1.0},
+    "clustered": {"train.stages": _clustered_stages},    # 2nd half: clustered hard negatives
+    "siglip": {"loss.itc.kind": "siglip"},               # Zhai et al. 2023
 }
-# (eval_results.json key, column title)
+DEFAULT_ROWS = [r for r in ROWS if r != "softclip_tags"]
+# (eval_results.json key, column title); train/negative_similarity is the mean
+# logged in-batch negative similarity over the second half of training.
 COLUMNS = (("retrieval/i2t_r1", "i2t R@1"), ("retrieval/t2i_r1", "t2i R@1"),
-           ("zeroshot/accuracy", "zero-shot"), ("retrieval/i2t_top1_prob", "top-1 prob"))
+           ("zeroshot/accuracy", "zero-shot"), ("retrieval/i2t_top1_prob", "top-1 prob"),
+           ("train/negative_similarity", "neg. sim."))
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).",
                                           lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and the table go.")
-_ROWS = flags.DEFINE_list("rows", list(ROWS), f"Rows to run, of: {', '.join(ROWS)}.")
+_ROWS = flags.DEFINE_list("rows", DEFAULT_ROWS, f"Rows to run, of: {', '.join(ROWS)}.")
 _SEEDS = flags.DEFINE_integer("seeds", 2, "Seeds per row (0, 1, ...).")
+_FIRST_SEED = flags.DEFINE_integer(
+    "first_seed", 0, "Run seeds first_seed, ... only (split an ablation over processes or "
+    "machines sharing the workdir; a last run with --first_seed=0 writes the whole table).")
 
 
 def row_config(config, row, seed):
   """`config` with `row`'s overrides and `seed`."""
   c = config.copy_and_resolve_references()
   for key, value in ROWS[row].items():
+    value = value(c) if callable(value) else value
     *parents, leaf = key.split(".")
     node = c
     for p in parents:
@@ -67,12 +98,22 @@ def run_one(config, workdir):
   if os.path.exists(results_file):
     with open(results_file) as f:
       return json.load(f)
+  from clusjax import workdir as wd
   from clusjax.api import Pretrained
   from clusjax.eval import evaluate
   from clusjax.train.loop import train
   model, state, tokenizer = train(config, workdir)
-  return evaluate(config, Pretrained(model, state.params, tokenizer, config, state.active),
-                  workdir)
+  results = evaluate(config, Pretrained(model, state.params, tokenizer, config, state.active),
+                     workdir)
+  with open(wd.path(workdir, wd.METRICS_FILE)) as f:
+    logged = [json.loads(line) for line in f]
+  late = [m["negative_similarity"] for m in logged
+          if "negative_similarity" in m and m["step"] > config.train.num_steps // 2]
+  if late:
+    results["train/negative_similarity"] = float(np.mean(late))
+  with open(results_file, "w") as f:
+    json.dump(results, f, indent=2)
+  return results
 
 
 def summarize(results):
@@ -121,10 +162,12 @@ def main(argv):
     fail(f"--rows: unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}.")
   if _SEEDS.value < 1:
     fail(f"--seeds={_SEEDS.value} must be >= 1.")
+  if not 0 <= _FIRST_SEED.value < _SEEDS.value:
+    fail(f"--first_seed={_FIRST_SEED.value} must be in [0, --seeds={_SEEDS.value}).")
   from clusjax.config import ConfigError, validate
   configs = {}
   for row in _ROWS.value:
-    for seed in range(_SEEDS.value):
+    for seed in range(_FIRST_SEED.value, _SEEDS.value):
       try:
         configs[row, seed] = row_config(_CONFIG.value, row, seed)
         validate(configs[row, seed])
@@ -134,6 +177,11 @@ def main(argv):
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value
+  # A row's seeds compile the same programs: compile them once.
+  import jax
+  jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir),
+                                                              ".jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   results = {row: [] for row in _ROWS.value}
   for (row, seed), config in configs.items():
     run_dir = os.path.join(workdir, row, f"seed{seed}")
@@ -146,7 +194,7 @@ def main(argv):
   steps = _CONFIG.value.train.num_steps
   with open(os.path.join(workdir, "ablation.json"), "w") as f:
     json.dump({"runs": results, "summary": summary, "steps": steps}, f, indent=2)
-  table = table_markdown(summary, _SEEDS.value, steps)
+  table = table_markdown(summary, _SEEDS.value - _FIRST_SEED.value, steps)
   with open(os.path.join(workdir, "ablation.md"), "w") as f:
     f.write(table)
   bar_chart(summary, os.path.join(workdir, "ablation.png"))

@@ -7,6 +7,12 @@
 
 Any config key can be overridden with --config.a.b=value. Bad flags and
 impossible values fail before jax compiles anything, naming the key.
+
+Multi-host: run the same command in every process. On a Cloud TPU VM pod
+slice or under SLURM the processes find each other by themselves
+(--distributed=auto); elsewhere give each --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (clusjax/parallel/distributed.py;
+launch/local_cluster.py runs N processes on this machine).
 """
 import os
 import sys
@@ -18,6 +24,7 @@ from ml_collections import config_flags
 # Make `clusjax` importable from a plain checkout too (no `pip install -e .`).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clusjax.cli import fail, parse_flags  # noqa: E402
+from clusjax.parallel import distributed  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).",
                                           lock_config=True)
@@ -28,6 +35,17 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export"],
                           "<workdir>/export.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "--mode=export: replace an existing <workdir>/export.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", distributed.MODES,
+    "Train / eval as one of several processes: auto (join when the flags below are given or "
+    "jax detects a TPU pod slice / SLURM job), on, off. Export always runs alone.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "HOST:PORT of process 0, the same in every process.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..N-1.")
+_PEER_TIMEOUT = flags.DEFINE_integer(
+    "peer_timeout", distributed.DEFAULT_TIMEOUT_S,
+    "Seconds after which a dead or silent process makes the others exit (non-zero).")
 
 
 def main(argv):
@@ -53,13 +71,25 @@ def main(argv):
       fail(str(e))
     print(f"Exported {workdir} to {out} (see {os.path.join(out, 'README.md')}).", flush=True)
     return
+  try:
+    joined = distributed.initialize(
+        _DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+        timeout=_PEER_TIMEOUT.value)
+  except ValueError as e:
+    fail(str(e))
   import jax
+  is_main = jax.process_index() == 0
+  if joined and is_main:
+    print(f"Joined {jax.process_count()} processes: {jax.device_count()} devices, "
+          f"{jax.local_device_count()} per process.", flush=True)
   try:
     validate(config, jax.device_count())  # mesh and batch divisibility
   except ConfigError as e:
     fail(str(e))
   from clusjax.api import Pretrained, load_pretrained
   from clusjax.eval import evaluate
+  from clusjax.parallel.mesh import create_mesh
 
   if _MODE.value == "train":
     from clusjax.train.loop import train
@@ -68,15 +98,18 @@ def main(argv):
       model, state, tokenizer = train(config, workdir)
     except ConfigError as e:   # found only once the workdir is read (a teacher's tokenizer)
       fail(str(e))
-    print(f"Trained to step {int(state.step)} in {time.perf_counter() - start:.0f} s.", flush=True)
+    if is_main:
+      print(f"Trained to step {int(state.step)} in {time.perf_counter() - start:.0f} s.",
+            flush=True)
     if not config.train.eval_at_end:
       return
     pretrained = Pretrained(model, state.params, tokenizer, config, state.active)
   else:
-    pretrained = load_pretrained(workdir)
-  if jax.process_index() == 0:
+    pretrained = load_pretrained(workdir, mesh=create_mesh(config.mesh))
+  if is_main:
     print("Evaluation:", flush=True)
-    evaluate(pretrained.config, pretrained, workdir)
+  # Every process evaluates (the params span all devices); process 0 writes.
+  evaluate(pretrained.config, pretrained, workdir)
 
 
 if __name__ == "__main__":

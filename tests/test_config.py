@@ -32,6 +32,7 @@ def test_base_config_is_the_paper():
     ("data.name", "imagenet", "config.data.name='imagenet'"),
     ("optim.learning_rate", -1.0, "config.optim.learning_rate=-1.0"),
     ("dtype", "float16", "config.dtype='float16'"),
+    ("remat", "dots", "config.remat='dots' must be one of none, full, dots_saveable,"),
     ("longnet.dilation_rates", (1, 3), "config.longnet: branch (w=128, r=3)"),
     ("longnet.dilation_rates", (1,), "config.longnet.segment_lengths=(64, 128) and"),
     ("longnet.width", 33, "config.longnet.width=33 is not divisible"),

@@ -41,6 +41,43 @@ def _clustering_space(points, valid, dim):
   return jnp.dot(xc, vecs[:, ::-1][:, :dim], precision=hi)
 
 
+def _density_labels(points, valid, dim, min_samples, eps):
+  """DBSCAN of the valid points in the clustering space (`_clustering_space`).
+
+  Returns (labels [N] int32, -1 for noise, the clustering-space points, the
+  k-distance curve, eps used, min_samples used); eps None = the curve's elbow.
+  """
+  x = _clustering_space(points, valid, dim)
+  min_samples = 2 * x.shape[1] if min_samples is None else min_samples
+  kdist = kdistance_curve(x, min_samples, valid=valid)
+  if eps is None:
+    # With fewer than min_samples valid points the curve is all +inf; no
+    # point can be core at any eps, so 0 gives the same (all-noise) answer.
+    eps = elbow(kdist)
+    eps = jnp.where(jnp.isfinite(eps), eps, 0.0)
+  eps = jnp.asarray(eps, jnp.float32)
+  return dbscan(x, eps, min_samples, valid=valid), x, kdist, eps, min_samples
+
+
+@functools.partial(jax.jit, static_argnames=("dim", "min_samples"))
+def cluster_points(points, valid=None, *, dim, min_samples=None, eps=None):
+  """The project's clustering (DBSCAN in the clustering space) of any points.
+
+  Args:
+    points: [N, D] float, e.g. L2-normalised embeddings of a data set.
+    valid: optional [N] bool, the points to cluster (the principal plane and
+      the elbow eps are theirs); the others get -1.
+    dim, min_samples, eps: as in `cluster_prototypes`.
+  Returns:
+    (labels [N] int32: cluster ids 0..k-1, -1 for noise; eps used).
+  """
+  if not 0 <= dim <= points.shape[1]:
+    raise ValueError(f"dim={dim} must be in [0, {points.shape[1]}] (0 or D: no projection)")
+  valid = jnp.ones(points.shape[0], bool) if valid is None else valid.astype(bool)
+  labels, _, _, eps, _ = _density_labels(points.astype(jnp.float32), valid, dim, min_samples, eps)
+  return labels, eps
+
+
 @functools.partial(jax.jit, static_argnames=("dim", "min_samples"))
 def cluster_prototypes(queue, queue_valid, prototypes, active, *, dim, min_samples=None,
                        eps=None):
@@ -78,17 +115,7 @@ def cluster_prototypes(queue, queue_valid, prototypes, active, *, dim, min_sampl
     raise ValueError(f"dim={dim} must be in [0, d_p={d_p}] (0 or d_p: no projection)")
   points = jnp.concatenate([queue, prototypes.T]).astype(jnp.float32)    # [N, d_p]
   valid = jnp.concatenate([queue_valid, active]).astype(bool)             # [N]
-  x = _clustering_space(points, valid, dim)
-  min_samples = 2 * x.shape[1] if min_samples is None else min_samples
-
-  kdist = kdistance_curve(x, min_samples, valid=valid)
-  if eps is None:
-    # With fewer than min_samples valid points the curve is all +inf; no
-    # point can be core at any eps, so 0 gives the same (all-noise) answer.
-    eps = elbow(kdist)
-    eps = jnp.where(jnp.isfinite(eps), eps, 0.0)
-  eps = jnp.asarray(eps, jnp.float32)
-  labels = dbscan(x, eps, min_samples, valid=valid)                      # [N], -1 noise
+  labels, x, kdist, eps, min_samples = _density_labels(points, valid, dim, min_samples, eps)
 
   k = jnp.max(labels, initial=-1) + 1
   member = labels >= 0

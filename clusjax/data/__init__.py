@@ -1,6 +1,6 @@
 """Data: the built-in captioned-shapes set, record sources, tokenizer, Grain pipelines."""
-from clusjax.data.pipeline import (decode_record, iterate_eval, make_train_iterator,
-                                   reset_skipped_records, skipped_records)
+from clusjax.data.pipeline import (decode_record, iterate_eval, make_sampled_iterator,
+                                   make_train_iterator, reset_skipped_records, skipped_records)
 from clusjax.data.shapes import (COLOUR_RGB, COLOURS, KINDS, POSITIONS, SIZES, CaptionedShapes,
                                  make_split, prepare_shapes)
 from clusjax.data.sources import JsonlSource, ShapesSource, TfdsSource, make_source
@@ -9,6 +9,6 @@ from clusjax.data.tokenizer import Tokenizer
 __all__ = [
     "COLOUR_RGB", "COLOURS", "KINDS", "POSITIONS", "SIZES", "CaptionedShapes", "JsonlSource",
     "ShapesSource", "TfdsSource", "Tokenizer", "decode_record", "iterate_eval", "make_source",
-    "make_split", "make_train_iterator", "prepare_shapes", "reset_skipped_records",
-    "skipped_records",
+    "make_sampled_iterator", "make_split", "make_train_iterator", "prepare_shapes",
+    "reset_skipped_records", "skipped_records",
 ]

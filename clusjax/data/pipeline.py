@@ -1,9 +1,10 @@
 """Grain pipelines: records -> decoded, tokenized, batched numpy arrays.
 
-Train: indices [process_index::process_count] of the source, globally
-shuffled, repeated forever (Grain reshuffles every epoch: epoch e uses shuffle
-seed `h(seed) + e`), decoded in threads (or worker processes), bad records
-dropped and counted, batched. The iterator's `get_state()` is a small
+Train: the source's indices shuffled, repeated forever (Grain reshuffles
+every epoch: epoch e uses shuffle seed `h(seed) + e`), cut into global
+batches of which each process reads its rows (or global batches a sampler
+picks, `make_sampled_iterator`), decoded in threads (or worker processes),
+bad records dropped and counted, batched. The iterator's `get_state()` is a small
 JSON-safe dict, so `grain.checkpoint.CheckpointSave` stores it in an Orbax
 checkpoint and a resumed run sees exactly the batches it would have seen.
 
@@ -23,6 +24,7 @@ import numpy as np
 import PIL.Image
 
 from clusjax.data.negatives import negative_caption
+from clusjax.data.sampler import SampledIndex
 
 # Decoding threads: more than the cores only contend with the train step
 # (2-core CPU, batch 128 of 64 px: 124 ms of CPU per batch with 16 threads,
@@ -208,10 +210,10 @@ def make_train_iterator(source, *, global_batch_size, seed, image_size, tokenize
                         prompt_labeler=None, tagger=None):
   """Infinite, shuffled, per-process batches of `source`.
 
-  Each process reads records [process_index : n' : process_count], with n'
-  the largest multiple of process_count <= len(source), so every process has
-  the same epoch length (the last len(source) % process_count records are
-  never read).
+  One shuffled stream of all records, the same in every process; global
+  batch s is its records [s * B, (s + 1) * B) and process p reads rows
+  [p * b, (p + 1) * b) of it, so the global batches (and the losses) do not
+  depend on process_count.
 
   Returns:
     A grain DatasetIterator over {"image": uint8 [b, S, S, 3], "text_ids":
@@ -232,30 +234,73 @@ def make_train_iterator(source, *, global_batch_size, seed, image_size, tokenize
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, {process_count})")
   local_batch = global_batch_size // process_count
-  per_process = len(source) // process_count
-  if per_process == 0 or local_batch == 0:
+  if len(source) == 0 or local_batch == 0:
     raise ValueError(f"{len(source)} records and global batch size {global_batch_size} give "
                      f"nothing to read for each of {process_count} processes")
-  ds = grain.MapDataset.range(per_process * process_count)[process_index::process_count]
-  # shuffle before repeat: each epoch is a full permutation of the shard, and
+  # shuffle before repeat: each epoch is a full permutation of the records, and
   # Grain seeds epoch e's permutation with (shuffle seed + e), so epochs
   # differ. Hashing the seed keeps run seed=1 from replaying seed=0's epoch 2.
   shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
-  ds = ds.shuffle(seed=shuffle_seed).repeat(None)
-  ds = ds.map(_DecodeIndex(source, image_size, tokenizer, max_text_len,
-                           negative_groups=negative_groups, seed=seed,
-                           prompt_labeler=prompt_labeler, tagger=tagger))
+  stream = grain.MapDataset.range(len(source)).shuffle(seed=shuffle_seed).repeat(None)
+  ds = grain.MapDataset.range(_SAMPLED_POSITIONS).map(
+      SampledIndex(_StreamBatches(stream, global_batch_size), local_batch, process_index))
+  decode = _DecodeIndex(source, image_size, tokenizer, max_text_len,
+                        negative_groups=negative_groups, seed=seed,
+                        prompt_labeler=prompt_labeler, tagger=tagger)
+  return _decoded_batches(ds, decode, local_batch, num_workers, bad_limit=len(source))
+
+
+class _StreamBatches:
+  """step -> global batch `step` (record indices [batch_size]) of an index stream."""
+
+  def __init__(self, stream, batch_size):
+    self.stream, self.batch_size = stream, batch_size
+
+  def __call__(self, step):
+    start = step * self.batch_size
+    return [self.stream[i] for i in range(start, start + self.batch_size)]
+
+
+def make_sampled_iterator(source, sampler, *, global_batch_size, seed, image_size, tokenizer,
+                          max_text_len, process_index=0, process_count=1, num_workers=0,
+                          negative_groups=(), prompt_labeler=None, tagger=None):
+  """Batches whose records a sampler picks (`clusjax.data.sampler`).
+
+  `sampler(step)` gives global batch `step` (record indices, the same on
+  every process); this process reads its slice, rows [process_index * b,
+  (process_index + 1) * b), b = global_batch_size // process_count. Batches
+  and iterator state are as `make_train_iterator`'s (a bad record is dropped
+  and the next position fills its place).
+  """
+  if global_batch_size % process_count:
+    raise ValueError(f"global batch size {global_batch_size} is not divisible by the number of "
+                     f"processes ({process_count})")
+  local_batch = global_batch_size // process_count
+  ds = grain.MapDataset.range(_SAMPLED_POSITIONS).map(
+      SampledIndex(sampler, local_batch, process_index))
+  decode = _DecodeIndex(source, image_size, tokenizer, max_text_len,
+                        negative_groups=negative_groups, seed=seed,
+                        prompt_labeler=prompt_labeler, tagger=tagger)
+  return _decoded_batches(ds, decode, local_batch, num_workers, bad_limit=len(source))
+
+
+# Positions of a sampled stream: far more steps than any run takes.
+_SAMPLED_POSITIONS = 2 ** 40
+
+
+def _decoded_batches(indices, decode, local_batch, num_workers, *, bad_limit):
+  """Grain MapDataset of record indices -> iterator of decoded batches, bad records dropped."""
   # Enough read-ahead for about two batches; Grain's default (500) wastes work
   # when a test or an eval drops the iterator early.
   read = grain.ReadOptions(num_threads=READ_THREADS,
                            prefetch_buffer_size=min(max(2 * local_batch, 64), 4096))
-  it = ds.to_iter_dataset(read)
+  it = indices.map(decode).to_iter_dataset(read)
   if num_workers > 0:
     from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()  # Grain workers read absl flags; a library caller may not parse
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  it = it.filter(_DropBad(limit=per_process)).batch(local_batch, drop_remainder=True)
+  it = it.filter(_DropBad(limit=bad_limit)).batch(local_batch, drop_remainder=True)
   return iter(it)
 
 

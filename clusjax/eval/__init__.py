@@ -7,6 +7,8 @@
 import json
 import os
 
+import jax
+
 from clusjax import workdir as wd
 from clusjax.eval.retrieval import RetrievalEvaluator, recall_at_k
 from clusjax.eval.zeroshot import ZeroShotEvaluator
@@ -15,14 +17,20 @@ EVALUATORS = {e.name: e for e in (RetrievalEvaluator, ZeroShotEvaluator)}
 
 
 def evaluate(config, model, workdir=None):
-  """Runs the configured evaluators; prints, and writes eval_results.json."""
+  """Runs the configured evaluators; prints, and writes eval_results.json.
+
+  In a multi-host job every process calls it (the model's params span all
+  processes' devices) and gets the results; process 0 alone prints and writes.
+  """
+  is_main = jax.process_index() == 0
   results = {}
   for name in config.eval.evaluators:
     for metric, value in EVALUATORS[name](config).run(model):
       results[f"{name}/{metric}"] = value
-      print(f"  {name}/{metric}: {value:.4f}" if isinstance(value, float)
-            else f"  {name}/{metric}: {value}", flush=True)
-  if workdir is not None:
+      if is_main:
+        print(f"  {name}/{metric}: {value:.4f}" if isinstance(value, float)
+              else f"  {name}/{metric}: {value}", flush=True)
+  if workdir is not None and is_main:
     with open(os.path.join(workdir, wd.EVAL_RESULTS_FILE), "w") as f:
       json.dump(results, f, indent=2, sort_keys=True)
   return results

@@ -39,6 +39,7 @@ from jax import lax
 
 from clusjax.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 from clusjax.kernels import dilated_attention_pallas
+from clusjax.kernels.matmul import einsum_f32
 
 
 # "xla": score elements ([m, m] per row) materialised per step of the
@@ -93,7 +94,7 @@ def segment_attention_xla(q, k, v, valid, *, causal: bool):
 
   def one_row(args):
     qr, kr, vr, valid_r = args  # [m, D], [m, D], [m, D], [m]
-    s = jnp.einsum("qd,kd->qk", qr, kr, preferred_element_type=jnp.float32) * scale
+    s = einsum_f32("qd,kd->qk", qr, kr) * scale
     mask = jnp.broadcast_to(valid_r[None, :], (m, m))
     if causal:
       mask = mask & tri
@@ -106,8 +107,7 @@ def segment_attention_xla(q, k, v, valid, *, causal: bool):
     l = jnp.sum(e, axis=-1)
     has_key = l > 0
     l_safe = jnp.where(has_key, l, 1.0)
-    o = jnp.einsum("qk,kd->qd", e.astype(vr.dtype), vr,
-                   preferred_element_type=jnp.float32) / l_safe[:, None]
+    o = einsum_f32("qk,kd->qd", e.astype(vr.dtype), vr) / l_safe[:, None]
     lse = jnp.where(has_key, mx[:, 0] + jnp.log(l_safe), -jnp.inf)
     return o, lse
 

@@ -18,7 +18,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from clusjax.models.layers import ACT_EMBED, Embed, LayerNorm, TransformerBlock, constrain
+from clusjax.models.layers import (ACT_EMBED, Embed, LayerNorm, TransformerBlock, constrain,
+                                   remat_block)
 
 Dtype = Any
 
@@ -41,6 +42,7 @@ class BertEncoder(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32          # compute dtype; params stay float32
   layer_norm_eps: float = 1e-12       # HF BertConfig default
+  remat: str = "none"                 # config.remat: activation checkpointing of the layers
 
   @nn.compact
   def __call__(self, ids, mask=None, deterministic=True):
@@ -78,8 +80,9 @@ class BertEncoder(nn.Module):
     x = constrain(x, ACT_EMBED)
 
     kv_mask = None if mask is None else mask.astype(bool)
+    layer = remat_block(TransformerBlock, self.remat, static_argnums=(3,))
     for i in range(self.depth):
-      x = TransformerBlock(
+      x = layer(
           num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=False, dropout=self.dropout,
           dtype=self.dtype, layer_norm_eps=self.layer_norm_eps, name=f"layer_{i}",
       )(x, kv_mask, deterministic)

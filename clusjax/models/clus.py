@@ -59,17 +59,18 @@ class ClusModel(nn.Module):
   cluster_temperature: float = 0.1           # tau_z of V_T, V_I (config.clustering.temperature)
   siglip: bool = False                       # SigLIP's log temperature and bias (loss.itc.kind)
   dtype: jnp.dtype = jnp.float32
+  remat: str = "none"                        # config.remat, for every transformer block
 
   def setup(self):
     cfg = self.config
     self.vision = ViT(
         patch_size=cfg.vision.patch_size, width=cfg.vision.width, depth=cfg.vision.depth,
         num_heads=cfg.vision.num_heads, mlp_dim=cfg.vision.mlp_dim, dropout=cfg.dropout,
-        dtype=self.dtype)
+        dtype=self.dtype, remat=self.remat)
     self.text = BertEncoder(
         vocab_size=self.vocab_size, width=cfg.text.width, depth=cfg.text.depth,
         num_heads=cfg.text.num_heads, mlp_dim=cfg.text.mlp_dim, max_len=self.max_text_len,
-        dropout=cfg.dropout, dtype=self.dtype)
+        dropout=cfg.dropout, dtype=self.dtype, remat=self.remat)
     self.vision_proj = self._projection("vision_proj")
     self.text_proj = self._projection("text_proj")
     self.temperature = self.param(
@@ -86,7 +87,7 @@ class ClusModel(nn.Module):
         (cfg.embed_dim, self.num_prototypes), jnp.float32)
     self.fusion = FusionEncoder(
         kind=cfg.fusion, depth=cfg.fusion_depth, num_heads=cfg.text.num_heads,
-        mlp_dim=cfg.text.mlp_dim, dropout=cfg.dropout, dtype=self.dtype)
+        mlp_dim=cfg.text.mlp_dim, dropout=cfg.dropout, dtype=self.dtype, remat=self.remat)
     self.cluster_encoder = None
     if self.longnet is not None and self.longnet.depth > 0:
       ln = self.longnet
@@ -95,7 +96,7 @@ class ClusModel(nn.Module):
           max_clusters=self.num_prototypes, segment_lengths=tuple(ln.segment_lengths),
           dilation_rates=tuple(ln.dilation_rates), dense=not ln.enabled,
           implementation=ln.implementation, dropout=cfg.dropout, dtype=self.dtype,
-          name="longnet")
+          remat=self.remat, name="longnet")
     # ITM: match / no-match from the two fused CLS tokens (and the LongNet pool), concatenated.
     self.itm_head = dense(2, ("embed", None), dtype=self.dtype, name="itm_head")
     # MLM: BERT's prediction head (dense, GELU, LayerNorm, decoder over the vocabulary).
@@ -180,7 +181,7 @@ def padded_vocab_size(vocab_size):
 
 
 def build_model(config, vocab_size):
-  """The run config -> ClusModel (compute dtype from config.dtype)."""
+  """The run config -> ClusModel (compute dtype config.dtype, block remat config.remat)."""
   return ClusModel(config=ml_collections.FrozenConfigDict(config.model),
                    vocab_size=padded_vocab_size(vocab_size),
                    max_text_len=config.data.max_text_len,
@@ -189,4 +190,6 @@ def build_model(config, vocab_size):
                    longnet=ml_collections.FrozenConfigDict(config.get("longnet", {"depth": 0})),
                    cluster_temperature=config.clustering.temperature,
                    siglip=itc_kind(config.loss) == "siglip",
-                   dtype=jnp.dtype(config.dtype))
+                   dtype=jnp.dtype(config.dtype),
+                   # Workdirs from before the key: no remat.
+                   remat=config.get("remat", "none"))

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from clusjax.config import FUSIONS
-from clusjax.models.layers import TransformerBlock
+from clusjax.models.layers import TransformerBlock, remat_block
 
 Dtype = Any
 
@@ -47,11 +47,14 @@ class FusionEncoder(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   layer_norm_eps: float = 1e-12
+  remat: str = "none"  # config.remat: activation checkpointing of the blocks
 
   def _block(self, name, cross):
-    return TransformerBlock(self.num_heads, self.mlp_dim, pre_norm=False, cross_attention=cross,
-                            dropout=self.dropout, dtype=self.dtype,
-                            layer_norm_eps=self.layer_norm_eps, name=name)
+    # Called as (x, mask, deterministic[, context, context_mask, num_queries]).
+    block = remat_block(TransformerBlock, self.remat, static_argnums=(3, 6) if cross else (3,))
+    return block(self.num_heads, self.mlp_dim, pre_norm=False, cross_attention=cross,
+                 dropout=self.dropout, dtype=self.dtype, layer_norm_eps=self.layer_norm_eps,
+                 name=name)
 
   @nn.compact
   def __call__(self, image_tokens, text_tokens, text_mask, deterministic=True, outputs="all"):
@@ -75,10 +78,9 @@ class FusionEncoder(nn.Module):
         new_img = None
         if not (last and outputs == "text"):
           new_img = self._block(f"image_block_{i}", cross=True)(
-              img, image_mask, deterministic, context=txt, context_mask=text_mask,
-              num_queries=n)
+              img, image_mask, deterministic, txt, text_mask, n)
         new_txt = self._block(f"text_block_{i}", cross=True)(
-            txt, text_mask, deterministic, context=img, context_mask=image_mask, num_queries=n)
+            txt, text_mask, deterministic, img, image_mask, n)
         img, txt = new_img, new_txt
       return img, txt
     if self.kind == "self_attention":

@@ -18,6 +18,9 @@ Numerics follow Hugging Face ViT/BERT so weights move by re-keying alone:
 exact (erf) GELU, LayerNorm with two-pass variance, attention logits scaled
 after the q.k product. LayerNorm, logits and softmax run in float32 whatever
 the compute dtype; parameters are always float32.
+
+`remat_block` wraps a block class in `nn.remat` for `config.remat` (activation
+checkpointing); the towers apply it to every block.
 """
 from typing import Any
 
@@ -25,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from clusjax.kernels.matmul import einsum_f32
 
 Dtype = Any
 
@@ -177,8 +182,9 @@ class MultiHeadAttention(nn.Module):
     v = dense(qkv_shape, names, dtype=self.dtype, name="value")(inputs_kv)
     q, k, v = (constrain(t, ACT_HEADS) for t in (q, k, v))   # [B, L, H, D]
 
-    # Logits in float32 even for bf16 inputs; scaled after the product, as HF.
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    # Logits in float32 even for bf16 inputs (their backward matmuls stay bf16);
+    # scaled after the product, as HF.
+    logits = einsum_f32("bqhd,bkhd->bhqk", q, k)
     logits = logits * (self.head_dim ** -0.5)
     if kv_mask is not None:
       if kv_mask.shape != inputs_kv.shape[:2]:
@@ -280,3 +286,23 @@ class TransformerBlock(nn.Module):
                                 deterministic=deterministic))
       x = norm2(x + drop(mlp(x), deterministic=deterministic))
     return constrain(x, ACT_EMBED)
+
+
+def remat_block(module_cls, policy, static_argnums):
+  """`module_cls` itself, or its `nn.remat` (activation checkpointing) for `config.remat`.
+
+  Args:
+    module_cls: a block class (TransformerBlock, LongNetBlock).
+    policy: "none" (store every activation), "full" (store only the block's
+      inputs; recompute the rest in the backward pass) or the name of a
+      `jax.checkpoint_policies` policy, e.g. "dots_saveable".
+    static_argnums: positions (self = 0) of the Python-valued call arguments
+      (`deterministic`, `num_queries`); callers pass them positionally.
+
+  The parameter tree is the same with or without remat: a lifted transform
+  keeps the module's name and scope.
+  """
+  if policy == "none":
+    return module_cls
+  checkpoint_policy = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
+  return nn.remat(module_cls, policy=checkpoint_policy, static_argnums=static_argnums)

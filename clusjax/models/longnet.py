@@ -123,6 +123,7 @@ class LongNet(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32          # compute dtype; params stay float32
   layer_norm_eps: float = 1e-12       # as the other towers (layers.LayerNorm)
+  remat: str = "none"                 # config.remat: activation checkpointing of the blocks
 
   def _check(self, v_t, v_i, active):
     if self.width % self.num_heads:
@@ -171,8 +172,9 @@ class LongNet(nn.Module):
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     x = layers.constrain(x, layers.ACT_EMBED)
 
+    block = layers.remat_block(LongNetBlock, self.remat, static_argnums=(3,))
     for i in range(self.depth):
-      x = LongNetBlock(self.num_heads, self.mlp_dim, ws, rs, dense=self.dense,
+      x = block(self.num_heads, self.mlp_dim, ws, rs, dense=self.dense,
                        implementation=self.implementation, dropout=self.dropout,
                        dtype=self.dtype, layer_norm_eps=self.layer_norm_eps,
                        name=f"block_{i}")(x, mask, deterministic)

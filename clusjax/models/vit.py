@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from clusjax.models.layers import (ACT_EMBED, LayerNorm, TransformerBlock, constrain,
-                                   default_init)
+                                   default_init, remat_block)
 
 Dtype = Any
 
@@ -38,6 +38,7 @@ class ViT(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32          # compute dtype; params stay float32
   layer_norm_eps: float = 1e-12       # HF ViTConfig default
+  remat: str = "none"                 # config.remat: activation checkpointing of the blocks
 
   @nn.compact
   def __call__(self, images, deterministic=True):
@@ -89,8 +90,9 @@ class ViT(nn.Module):
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     x = constrain(x, ACT_EMBED)
 
+    block = remat_block(TransformerBlock, self.remat, static_argnums=(3,))
     for i in range(self.depth):
-      x = TransformerBlock(
+      x = block(
           num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=True, dropout=self.dropout,
           dtype=self.dtype, layer_norm_eps=self.layer_norm_eps, name=f"block_{i}",
       )(x, None, deterministic)

@@ -8,6 +8,7 @@ import dataclasses
 import os
 import time
 import traceback
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clusjax.models.clus import build_model
 from clusjax.parallel.mesh import create_mesh, per_device_bytes, rules_from_config
-from clusjax.train.loop import compile_train_step
+from clusjax.train.loop import compile_train_step, compiled_flops
 from clusjax.train.optimizer import make_optimizer
 from clusjax.train.state import abstract_state
 
@@ -50,26 +51,49 @@ class StepCost:
             + self.code_bytes)
 
 
-def compile_step(config, devices):
-  """Compiles the run's train step over `devices` (config.mesh) -> StepCost."""
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+  """The run's train step compiled over a mesh, and what running it needs."""
+  model: Any
+  tx: Any
+  mesh: Mesh
+  rules: Any
+  state_shapes: Any          # ShapeDtypeStructs of the TrainState, with their shardings
+  state_shardings: Any
+  executable: Any            # (state, batch) -> (state, metrics); donates the state
+  compile_seconds: float
+
+
+def build_step(config, devices):
+  """Compiles the run's train step over `devices` (config.mesh) -> CompiledStep."""
   mesh, rules = create_mesh(config.mesh, devices), rules_from_config(config)
   model = build_model(config, config.data.vocab_size)
   tx, schedule = make_optimizer(config.optim, config.train.num_steps)
   shapes, shardings = abstract_state(model, tx, config, mesh, rules)
   start = time.perf_counter()
-  compiled = compile_train_step(model, tx, schedule, config, _Vocab(config.data.vocab_size),
-                                mesh, rules, shapes, shardings)
-  seconds = time.perf_counter() - start
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  executable = compile_train_step(model, tx, schedule, config, _Vocab(config.data.vocab_size),
+                                  mesh, rules, shapes, shardings)
+  return CompiledStep(model, tx, mesh, rules, shapes, shardings, executable,
+                      time.perf_counter() - start)
+
+
+def step_cost(step):
+  """A CompiledStep's per-device memory and FLOPs -> StepCost."""
+  mem, shapes = step.executable.memory_analysis(), step.state_shapes
   return StepCost(
-      mesh_shape=dict(mesh.shape), num_params=sum(x.size for x in jax.tree.leaves(shapes.params)),
-      params_bytes=per_device_bytes(shapes.params), opt_state_bytes=per_device_bytes(shapes.opt_state),
+      mesh_shape=dict(step.mesh.shape),
+      num_params=sum(x.size for x in jax.tree.leaves(shapes.params)),
+      params_bytes=per_device_bytes(shapes.params),
+      opt_state_bytes=per_device_bytes(shapes.opt_state),
       argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
       alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
-      code_bytes=mem.generated_code_size_in_bytes, flops=float(cost.get("flops", 0.0)),
-      compile_seconds=seconds)
+      code_bytes=mem.generated_code_size_in_bytes, flops=compiled_flops(step.executable),
+      compile_seconds=step.compile_seconds)
+
+
+def compile_step(config, devices):
+  """Compiles the run's train step over `devices` (config.mesh) -> StepCost."""
+  return step_cost(build_step(config, devices))
 
 
 def pallas_kernel_compiles(device, config):

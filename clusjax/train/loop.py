@@ -12,15 +12,19 @@ import shutil
 import time
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from clusjax import workdir as wd
+from clusjax.api import Pretrained
 from clusjax.clustering import next_k_max, write_cluster_plots
-from clusjax.config import ConfigError, caption_negative_groups, validate
-from clusjax.data import Tokenizer, make_source, make_train_iterator
+from clusjax.config import ConfigError, caption_negative_groups, train_stages, validate
+from clusjax.data import Tokenizer, make_sampled_iterator, make_source, make_train_iterator
+from clusjax.data.sampler import ClusteredSampler
 from clusjax.data.prompts import labeler_from_config, tagger_from_config
 from clusjax.models.clus import build_model
+from clusjax.parallel.hardware import chip_of
 from clusjax.parallel.mesh import (batch_sharding, create_mesh, mesh_context,
                                    per_device_bytes, rules_from_config)
 from clusjax.train.checkpoint import Checkpointer
@@ -29,6 +33,8 @@ from clusjax.train.optimizer import make_optimizer
 from clusjax.train.restore import load_tokenizer, restore_model, tokenizer_fingerprint
 from clusjax.train.state import abstract_state, dummy_batch, init_state
 from clusjax.train.state import grow_state
+from clusjax.train.stages import (cluster_assignment, describe_assignment, stage_at,
+                                  stage_config)
 from clusjax.train.step import TextIds, make_cluster_step, make_train_step
 
 # Captions read to train a tokenizer when the config names none.
@@ -120,6 +126,24 @@ def compile_train_step(model, tx, schedule, config, tokenizer, mesh, rules, stat
     return step.lower(*args).compile()
 
 
+def compiled_flops(compiled):
+  """FLOPs per device of one call of a compiled executable (XLA's cost analysis; 0 if none)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", 0.0))
+
+
+def throughput(flops_per_step, steps, seconds, batch_size, device_kind, dtype):
+  """examples/s, TFLOP/s per device and, where the device's peak is known
+  (`clusjax.parallel.hardware`), MFU = achieved / peak FLOP/s for `dtype`."""
+  out = {"examples_per_sec": steps * batch_size / seconds,
+         "tflops_per_device": flops_per_step * steps / seconds / 1e12}
+  chip = chip_of(device_kind)
+  if chip is not None:
+    out["mfu"] = out["tflops_per_device"] * 1e12 / chip.peak_flops(dtype)
+  return out
+
+
 def load_teacher(config, workdir, mesh, rules):
   """(model, params) of config.distill.teacher, frozen, in this run's mesh.
 
@@ -135,13 +159,14 @@ def load_teacher(config, workdir, mesh, rules):
   return model, params
 
 
-def _describe(mesh, state):
+def _describe(mesh, state, flops):
   params = sum(x.size for x in jax.tree.leaves(state.params))
   mib = 2.0 ** 20
   return (f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} devices; "
           f"{params / 1e6:.2f}M params; per device: params "
           f"{per_device_bytes(state.params) / mib:.1f} MiB, optimizer state "
-          f"{per_device_bytes(state.opt_state) / mib:.1f} MiB")
+          f"{per_device_bytes(state.opt_state) / mib:.1f} MiB, "
+          f"{flops / 1e9:.3g} GFLOP per step (compiled)")
 
 
 def compile_cluster_step(config, mesh, rules, state_shapes, state_shardings):
@@ -160,12 +185,43 @@ class _Compiled:
     self.shapes, self.shardings = abstract_state(self.model, tx, config, mesh, rules)
     step_fn = compile_train_step(self.model, tx, schedule, config, tokenizer, mesh, rules,
                                  self.shapes, self.shardings, teacher)
+    self.flops = compiled_flops(step_fn)
     # The teacher's params (frozen) go in with every batch.
     self.step_fn = step_fn if teacher is None else (
         lambda state, batch: step_fn(state, batch, teacher[1]))
     self.cluster_fn = None
     if clustering_on(config):
       self.cluster_fn = compile_cluster_step(config, mesh, rules, self.shapes, self.shardings)
+
+
+def stage_batches(stage, config, workdir, train_source, tokenizer, pretrained):
+  """The train iterator of `stage`, from its start.
+
+  Random stages shuffle as `make_train_iterator` does (stage 0 with
+  config.data.seed, stage i with a seed drawn from (seed, i)); clustered ones
+  sample from the stage's assignment (`cluster_assignment`: read from the
+  workdir, or made now from `pretrained()`, the model at the stage's start;
+  None when resuming, which must find it in the workdir).
+  """
+  c = stage_config(config, stage)
+  seed = config.data.seed
+  kwargs = dict(
+      global_batch_size=config.train.batch_size, image_size=config.data.image_size,
+      tokenizer=tokenizer, max_text_len=config.data.max_text_len,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_workers=config.data.num_workers,
+      negative_groups=caption_negative_groups(config.data.caption_negatives),
+      prompt_labeler=labeler_from_config(c), tagger=tagger_from_config(c))
+  if stage.sampler == "random":
+    if stage.index:
+      seed = int(np.random.SeedSequence([seed, stage.index]).generate_state(1)[0])
+    return make_train_iterator(train_source, seed=seed, **kwargs)
+  labels, stats = cluster_assignment(stage, workdir, train_source, pretrained)
+  if jax.process_index() == 0:
+    tqdm.write(describe_assignment(stage, stats))
+  sampler = ClusteredSampler(labels, len(train_source), config.train.batch_size, mix=stage.mix,
+                             seed=seed, stage=stage.index)
+  return make_sampled_iterator(train_source, sampler, seed=seed, **kwargs)
 
 
 def clustering_on(config):
@@ -220,24 +276,28 @@ def train(config, workdir):
   num_steps = config.train.num_steps
   tx, schedule = make_optimizer(config.optim, num_steps)
   teacher = load_teacher(config, workdir, mesh, rules) if _distill_teacher(config) else None
-  build = lambda: _Compiled(config, tokenizer, tx, schedule, mesh, rules, teacher)   # noqa: E731
-  compiled = build()
+  stages = train_stages(config)
+  stage = stage_at(stages, ckpt.latest_step() or 0)
 
-  data_iter = make_train_iterator(
-      train_source, global_batch_size=config.train.batch_size, seed=config.data.seed,
-      image_size=config.data.image_size, tokenizer=tokenizer,
-      max_text_len=config.data.max_text_len, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_workers=config.data.num_workers,
-      negative_groups=caption_negative_groups(config.data.caption_negatives),
-      prompt_labeler=labeler_from_config(config), tagger=tagger_from_config(config))
+  def build():   # the current stage's step (its loss weights) at the current K_max
+    return _Compiled(stage_config(config, stage), tokenizer, tx, schedule, mesh, rules, teacher)
+
+  def batches(state):   # the current stage's batches, from its start
+    model = None if state is None else (
+        lambda: Pretrained(compiled.model, state.params, tokenizer, config, state.active))
+    return stage_batches(stage, config, workdir, train_source, tokenizer, model)
+
+  compiled = build()
   if ckpt.latest_step() is not None:
+    data_iter = batches(None)   # a clustered stage's assignment is in the workdir
     state = ckpt.restore(compiled.shapes, data_iter)
     if is_main:
       print(f"Resumed from step {int(state.step)} in {workdir}", flush=True)
   else:
     state = init_state(compiled.model, tx, config, compiled.shardings)
+    data_iter = batches(state)
   if is_main:
-    print(_describe(mesh, state), flush=True)
+    print(_describe(mesh, state, compiled.flops), flush=True)
 
   sharding = batch_sharding(mesh, rules)
   start = int(state.step)
@@ -262,15 +322,27 @@ def train(config, workdir):
       if not math.isfinite(loss):
         raise FloatingPointError(f"loss is {loss} at step {done}; lower config.optim.learning_rate.")
       elapsed = time.perf_counter() - window_start
-      metrics["examples_per_sec"] = window_steps * config.train.batch_size / elapsed
+      metrics.update(throughput(compiled.flops, window_steps, elapsed, config.train.batch_size,
+                                jax.devices()[0].device_kind, config.dtype))
       writer.write(done, metrics)
-      bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{metrics['examples_per_sec']:.0f}")
+      bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{metrics['examples_per_sec']:.0f}",
+                      **({"mfu": f"{metrics['mfu']:.1%}"} if "mfu" in metrics else {}))
       window_start, window_steps = time.perf_counter(), 0
     if compiled.cluster_fn is not None and done % config.clustering.cluster_every == 0:
       state, compiled = _cluster(state, compiled, config, workdir, done, writer, build)
       in_flight = None
     bar.update(1)
-    ckpt.maybe_save(done, state, data_iter)
+    if done == stage.end and done < num_steps:
+      # The next stage: its step, its batches; its first checkpoint holds its
+      # iterator, so a resume from here reads the new stage's batches.
+      previous, stage = stage, stage_at(stages, done)
+      if stage.loss != previous.loss:
+        compiled = build()
+      data_iter = batches(state)
+      in_flight = None
+      ckpt.maybe_save(done, state, data_iter, force=True)
+    else:
+      ckpt.maybe_save(done, state, data_iter)
   bar.close()
   ckpt.maybe_save(num_steps, state, data_iter, force=True)
   ckpt.close()

@@ -11,6 +11,11 @@ The Clus objective (DESIGN §5), each term with its weight in `config.loss`:
           batch's "a photo of a {noun}." texts, positive where its caption
           has the noun
     noun_code  the same labels against a fixed random code per noun
+    uni_image  image-image InfoNCE: each image against a caption-preserving
+          augmented view of itself (`clusjax.data.augment`), the batch's
+          other images the negatives
+    uni_text  text-text InfoNCE: each caption against a copy with tokens
+          masked (and the tower's dropout)
 
 A term whose weight is 0 (or `loss.swap_prediction=False`) is not computed at
 all, so an ITC-only run costs what the dual encoder costs.
@@ -23,6 +28,7 @@ import optax
 
 from clusjax.clustering import cluster_prototypes
 from clusjax.config import itc_kind
+from clusjax.data.augment import augment_images
 from clusjax.losses import (clip_temperature, infonce_from_logits, itc_logits, itm_loss, itm_pairs,
                             distillation_loss, mask_tokens, mlm_loss, noun_codes,
                             prompt_label_loss, sample_hard_negatives, siglip_loss, softclip_loss,
@@ -55,6 +61,9 @@ def _weights(loss_config):
            swap=loss_config.swap_weight if loss_config.swap_prediction else 0.0,
            prompt=loss_config.get("prompt_weight", 0.0),
            noun_code=loss_config.get("noun_code_weight", 0.0))
+  uni = loss_config.get("unimodal")
+  if uni is not None:
+    w.update(uni_image=uni.image_weight, uni_text=uni.text_weight)
   return {k: v for k, v in w.items() if v > 0}
 
 
@@ -87,25 +96,49 @@ def distilled_itc(logits, teacher_logits, distill_config):
                 + distillation_loss(logits.T, teacher_logits.T, labels, **kw))
 
 
-def compute_losses(model, params, batch, rng, config, text_ids, active, teacher=None):
-  """Forward passes and the weighted objective.
+# Terms over the whole batch's tower features (and parameters such as the
+# temperature and prototypes, but no other forward pass): under gradient
+# accumulation they still see the whole batch. The others are per microbatch.
+BATCH_TERMS = ("itc", "noun_code", "swap")
+# Tower outputs with a batch dimension (the rest of the towers' output dict is parameters).
+_FEATURES = ("image_feats", "text_feats")
 
-  Args:
-    active: bool [K_max], the active prototypes.
-    teacher: (teacher model, its params) when config.distill.teacher is set.
-  Returns:
-    (total loss, dict of per-term scalars for logging).
-  """
-  weights = _weights(config.loss)
+
+def _rngs(rng):
+  """The step's PRNG keys by use."""
   names = ("towers", "itm", "mlm", "negatives", "masking", "captions", "labels")
   rngs = dict(zip(names, jax.random.split(rng, len(names))))
-  variables = {"params": params}
-  images, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
+  # Keys of the uni-modal terms come from their own stream, so switching them
+  # on leaves every other term's randomness as it was.
+  views = ("view1", "view2", "image_view", "view_masking", "text_view")
+  rngs.update(zip(views, jax.random.split(jax.random.fold_in(rng, 1), len(views))))
+  return rngs
 
-  out = model.apply(variables, images, ids, mask, deterministic=False,
-                    rngs={"dropout": rngs["towers"]})
+
+def _augment(rng, images, unimodal_config):
+  u = unimodal_config
+  return augment_images(rng, images, max_shift=u.max_shift, brightness=u.brightness,
+                        noise_std=u.noise_std)
+
+
+def _towers(model, params, batch, rngs, config, weights):
+  """The two towers' outputs for the batch (its images as view 1 under
+  `loss.unimodal.augment_both`)."""
+  images = batch["image"]
+  if "uni_image" in weights and config.loss.unimodal.augment_both:   # every term sees view 1
+    images = _augment(rngs["view1"], images, config.loss.unimodal)
+  return model.apply({"params": params}, images, batch["text_ids"], batch["text_mask"],
+                     deterministic=False, rngs={"dropout": rngs["towers"]})
+
+
+def batch_terms(model, params, out, batch, rngs, config, active, weights, teacher=None):
+  """The BATCH_TERMS that `weights` has, from the towers' outputs `out`, plus
+  the logged temperature and in-batch negative similarity."""
+  variables = {"params": params}
   logits = itc_logits(out["image_feats"], out["text_feats"], out["temperature"])
-  terms = dict(temperature=clip_temperature(out["temperature"]))
+  terms = dict(temperature=clip_temperature(out["temperature"]),
+               negative_similarity=mean_negative_similarity(out["image_feats"],
+                                                            out["text_feats"]))
   if "itc" in weights:
     negative_logits = None
     if "neg_text_ids" in batch:   # hard negative captions (config.data.caption_negatives)
@@ -121,28 +154,64 @@ def compute_losses(model, params, batch, rng, config, text_ids, active, teacher=
       out = {**out, "tag_feats": jax.lax.stop_gradient(tag_feats)}
     if teacher is not None:
       teacher_model, teacher_params = teacher
-      t_out = teacher_model.apply({"params": teacher_params}, images, ids, mask)
+      t_out = teacher_model.apply({"params": teacher_params}, batch["image"], batch["text_ids"],
+                                  batch["text_mask"])
       teacher_logits = itc_logits(t_out["image_feats"], t_out["text_feats"], t_out["temperature"])
       terms["itc"] = distilled_itc(logits, teacher_logits, config.distill)
     else:
       terms["itc"] = contrastive_loss(config.loss, out, logits, negative_logits)
 
-  if "prompt" in weights or "noun_code" in weights:
+  if "noun_code" in weights:   # prompt labels against a fixed random code per noun
     label_noun = batch["label_noun"].reshape(-1)   # [B, k] -> B * k labels
+    terms["noun_code"] = prompt_label_loss(
+        out["image_feats"], noun_codes(label_noun, out["image_feats"].shape[-1]), label_noun,
+        batch["caption_nouns"], out["temperature"])
+
+  if "swap" in weights:
+    cc = config.clustering
+    terms["swap"] = swap_prediction_loss(
+        out["image_feats"], out["text_feats"], out["prototypes"], temperature=cc.temperature,
+        epsilon=cc.sinkhorn_epsilon, num_iters=cc.sinkhorn_iters, active=active)
+  return terms
+
+
+def micro_terms(model, params, out, batch, rngs, config, text_ids, active, weights):
+  """The other terms `weights` has (prompt labels, uni-modal views, ITM with
+  its hard negatives, MLM), from the batch and its towers' outputs."""
+  variables = {"params": params}
+  ids, mask = batch["text_ids"], batch["text_mask"]
+  maskable = mask & (ids != text_ids.cls_id) & (ids != text_ids.sep_id)
+  terms = {}
   if "prompt" in weights:   # prompt-template labels, [B, k, L] -> B * k label texts
     b, k, length = batch["label_ids"].shape
     _, label_feats = model.apply(variables, batch["label_ids"].reshape(b * k, length),
                                  batch["label_mask"].reshape(b * k, length),
                                  deterministic=False, rngs={"dropout": rngs["labels"]},
                                  method=ClusModel.encode_text)
-    terms["prompt"] = prompt_label_loss(out["image_feats"], label_feats, label_noun,
-                                        batch["caption_nouns"], out["temperature"])
-  if "noun_code" in weights:   # the same labels against a fixed random code per noun
-    terms["noun_code"] = prompt_label_loss(
-        out["image_feats"], noun_codes(label_noun, out["image_feats"].shape[-1]), label_noun,
-        batch["caption_nouns"], out["temperature"])
+    terms["prompt"] = prompt_label_loss(out["image_feats"], label_feats,
+                                        batch["label_noun"].reshape(-1), batch["caption_nouns"],
+                                        out["temperature"])
+
+  if "uni_image" in weights:   # against a second view of the (unaugmented) images
+    view = _augment(rngs["view2"], batch["image"], config.loss.unimodal)
+    _, view_feats = model.apply(variables, view, deterministic=False,
+                                rngs={"dropout": rngs["image_view"]},
+                                method=ClusModel.encode_image)
+    terms["uni_image"] = infonce_from_logits(
+        itc_logits(out["image_feats"], view_feats, out["temperature"]))
+  if "uni_text" in weights:
+    masked_ids, _ = mask_tokens(rngs["view_masking"], ids, maskable, mask_id=text_ids.mask_id,
+                                num_tokens=text_ids.vocab_size,
+                                probability=config.loss.unimodal.mask_probability,
+                                first_random_id=text_ids.first_random_id)
+    _, view_feats = model.apply(variables, masked_ids, mask, deterministic=False,
+                                rngs={"dropout": rngs["text_view"]},
+                                method=ClusModel.encode_text)
+    terms["uni_text"] = infonce_from_logits(
+        itc_logits(out["text_feats"], view_feats, out["temperature"]))
 
   if "itm" in weights:
+    logits = itc_logits(out["image_feats"], out["text_feats"], out["temperature"])
     neg_text, neg_image = sample_hard_negatives(rngs["negatives"], logits)
     # Each pair carries its tokens (fusion) and ITC features (LongNet's cluster tokens).
     (image_tokens, image_feats), (text_tokens, text_mask, text_feats), labels = itm_pairs(
@@ -154,7 +223,6 @@ def compute_losses(model, params, batch, rng, config, text_ids, active, teacher=
     terms["itm"], terms["itm_accuracy"] = itm_loss(match_logits, labels)
 
   if "mlm" in weights:
-    maskable = mask & (ids != text_ids.cls_id) & (ids != text_ids.sep_id)
     masked_ids, targets = mask_tokens(
         rngs["masking"], ids, maskable, mask_id=text_ids.mask_id,
         num_tokens=text_ids.vocab_size, probability=config.loss.mlm_probability,
@@ -163,15 +231,103 @@ def compute_losses(model, params, batch, rng, config, text_ids, active, teacher=
                                deterministic=False, rngs={"dropout": rngs["mlm"]},
                                method=ClusModel.mlm_logits)
     terms["mlm"], terms["mlm_accuracy"] = mlm_loss(token_logits, ids, targets)
+  return terms
 
-  if "swap" in weights:
-    cc = config.clustering
-    terms["swap"] = swap_prediction_loss(
-        out["image_feats"], out["text_feats"], out["prototypes"], temperature=cc.temperature,
-        epsilon=cc.sinkhorn_epsilon, num_iters=cc.sinkhorn_iters, active=active)
 
-  total = sum(w * terms[k] for k, w in weights.items())
-  return total, (terms, out)
+def _weighted(terms, weights):
+  return sum(w * terms[k] for k, w in weights.items())
+
+
+def compute_losses(model, params, batch, rng, config, text_ids, active, teacher=None):
+  """Forward passes and the weighted objective.
+
+  Args:
+    active: bool [K_max], the active prototypes.
+    teacher: (teacher model, its params) when config.distill.teacher is set.
+  Returns:
+    (total loss, (dict of per-term scalars for logging, the towers' outputs)).
+  """
+  weights = _weights(config.loss)
+  rngs = _rngs(rng)
+  out = _towers(model, params, batch, rngs, config, weights)
+  terms = batch_terms(model, params, out, batch, rngs, config, active, weights, teacher)
+  terms.update(micro_terms(model, params, out, batch, rngs, config, text_ids, active, weights))
+  return _weighted(terms, weights), (terms, out)
+
+
+def _split(x, m):
+  """[B, ...] -> [m, B / m, ...]; microbatch i is rows i, i + m, ... (strided,
+  so each one spreads over all the devices the batch is split over)."""
+  return x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
+
+
+def _merge(x):
+  """The inverse of `_split`: [m, b, ...] -> [m * b, ...] in the batch's order."""
+  return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def accumulated_losses(model, params, batch, rng, config, text_ids, active, m):
+  """The objective and its gradient over `m` microbatches (open_clip's
+  accum-freq): the BATCH_TERMS still see the whole batch.
+
+  1. The towers run on every microbatch without gradient: the whole batch's
+     features.
+  2. The batch terms on those features, and their gradients with respect to
+     the features (and to the parameters the towers pass through, such as the
+     temperature and prototypes).
+  3. Each microbatch runs again with gradient: its own terms (`micro_terms`,
+     weighted by 1 / m) plus the features' dot product with their gradients
+     from step 2, so that the summed parameter gradients are the whole batch's.
+
+  Returns (total loss, (terms, the batch's tower features), gradients).
+  """
+  weights = _weights(config.loss)
+  coupled = {k: w for k, w in weights.items() if k in BATCH_TERMS}
+  local = {k: w for k, w in weights.items() if k not in BATCH_TERMS}
+  micro = jax.tree.map(lambda x: _split(x, m), batch)
+  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(m))
+
+  def towers(p, microbatch, key):
+    return _towers(model, p, microbatch, _rngs(key), config, weights)
+
+  def features(args):
+    out = towers(params, *args)
+    return {k: v for k, v in out.items() if k not in ("image_tokens", "text_tokens")}
+  stacked = jax.lax.map(features, (micro, keys))
+  out = {k: _merge(v) if k in _FEATURES else v[0] for k, v in stacked.items()}
+
+  def batch_total(o):
+    terms = batch_terms(model, params, o, batch, _rngs(rng), config, active, coupled)
+    return _weighted(terms, coupled), terms
+  (batch_loss, terms), cotangents = jax.value_and_grad(batch_total, has_aux=True)(out)
+  # Per microbatch: its rows of the feature gradients; a parameter's gradient
+  # (the same output in every microbatch) in m equal parts.
+  cotangents = {k: _split(v, m) if k in _FEATURES else jnp.broadcast_to(v / m, (m, *v.shape))
+                for k, v in cotangents.items()}
+
+  def microbatch(grads, args):
+    mb, key, cot = args
+
+    def surrogate(p):
+      o = towers(p, mb, key)
+      t = micro_terms(model, p, o, mb, _rngs(key), config, text_ids, active, local)
+      own = _weighted(t, local)
+      link = sum(jnp.vdot(cot[k], o[k].astype(cot[k].dtype)) for k in cot)
+      return own / m + link, (own, t)
+    g, aux = jax.grad(surrogate, has_aux=True)(params)
+    return jax.tree.map(jnp.add, grads, g), aux
+  grads, (own, micro) = jax.lax.scan(microbatch, jax.tree.map(jnp.zeros_like, params),
+                                     (micro, keys, cotangents))
+  terms.update({k: jnp.mean(v) for k, v in micro.items()})
+  return batch_loss + jnp.mean(own), (terms, out), grads
+
+
+def mean_negative_similarity(image_feats, text_feats):
+  """Mean cosine of image i and text j over the batch's pairs i != j: how hard
+  the in-batch negatives are (the clustered sampler raises it)."""
+  b = image_feats.shape[0]
+  sims = jax.lax.stop_gradient(image_feats @ text_feats.T)
+  return (jnp.sum(sims) - jnp.trace(sims)) / max(b * (b - 1), 1)
 
 
 def normalize_prototypes(params):
@@ -224,19 +380,34 @@ def make_cluster_step(config):
   return cluster_step
 
 
+def make_loss_and_grads(model, config, text_ids, teacher_model=None):
+  """`(params, batch, rng, active, teacher_params) -> (loss, (terms, tower outputs),
+  grads)` of the objective, over config.grad_accum_steps microbatches."""
+  m = config.get("grad_accum_steps", 1)
+
+  def loss_and_grads(params, batch, rng, active, teacher_params=None):
+    if m > 1:
+      return accumulated_losses(model, params, batch, rng, config, text_ids, active, m)
+    teacher = None if teacher_model is None else (teacher_model, teacher_params)
+    (loss, aux), grads = jax.value_and_grad(
+        lambda p: compute_losses(model, p, batch, rng, config, text_ids, active, teacher),
+        has_aux=True)(params)
+    return loss, aux, grads
+
+  return loss_and_grads
+
+
 def make_train_step(model, tx, schedule, config, text_ids, teacher_model=None):
   """Builds `train_step(state, batch[, teacher_params]) -> (state, metrics)`, to be
   jitted; with `teacher_model` the step takes the teacher's (frozen) params."""
   if not _weights(config.loss):
     raise ValueError("every loss weight in config.loss is 0: nothing to train.")
+  loss_and_grads = make_loss_and_grads(model, config, text_ids, teacher_model)
 
   def train_step(state, batch, teacher_params=None):
     rng = jax.random.fold_in(state.rng, state.step)
-    teacher = None if teacher_model is None else (teacher_model, teacher_params)
-    grad_fn = jax.value_and_grad(
-        lambda p: compute_losses(model, p, batch, rng, config, text_ids, state.active, teacher),
-        has_aux=True)
-    (loss, (terms, out)), grads = grad_fn(state.params)
+    loss, (terms, out), grads = loss_and_grads(state.params, batch, rng, state.active,
+                                               teacher_params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = normalize_prototypes(optax.apply_updates(state.params, updates))
     metrics = dict(loss=loss, **terms, learning_rate=schedule(state.step),

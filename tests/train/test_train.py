@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 
 from clusjax import workdir as wd
-from clusjax.config import caption_negative_groups, validate
+from clusjax.config import ConfigError, caption_negative_groups, validate
 from clusjax.data import Tokenizer, make_source, make_train_iterator
 from clusjax.data.prompts import caption_tags, labeler_from_config
-from clusjax.losses import itc_logits
+from clusjax.losses import infonce_from_logits, itc_logits
 from clusjax.models.clus import ClusModel, build_model
-from clusjax.parallel.mesh import batch_sharding, create_mesh, rules_from_config
+from clusjax.parallel.mesh import batch_sharding, create_mesh, mesh_context, rules_from_config
 from clusjax.train.loop import compile_train_step, train
 from clusjax.train.optimizer import make_optimizer
-from clusjax.train.step import contrastive_loss
+from clusjax.train.step import TextIds, contrastive_loss, make_loss_and_grads
 from clusjax.train.state import abstract_state, dummy_batch, init_state
 from tests.conftest import micro_config
 
@@ -85,6 +85,14 @@ def test_step_on_8_devices_equals_1_device(data):
   assert any(k.addressable_shards[0].data.size < k.size for k in kernels)
 
 
+def _init_params(config, tokenizer, mesh):
+  """(model, its initial params on the host)."""
+  model = build_model(config, tokenizer.vocab_size)
+  tx, _ = make_optimizer(config.optim, config.train.num_steps)
+  _, shardings = abstract_state(model, tx, config, mesh, rules_from_config(config))
+  return model, jax.device_get(init_state(model, tx, config, shardings).params)
+
+
 @pytest.mark.parametrize("kind", ["siglip", "softclip", "softclip_tags", "label_smooth"])
 def test_itc_kind_is_the_term_the_step_trains(data, kind):
   """loss.itc.kind swaps the contrastive term: the step's `itc` is that loss of the
@@ -105,10 +113,7 @@ def test_itc_kind_is_the_term_the_step_trains(data, kind):
   validate(config)
   batch = {k: batch[k] for k in dummy_batch(config, 1)}   # the fields an ITC-only step takes
   mesh = create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  model = build_model(config, tokenizer.vocab_size)
-  tx, _ = make_optimizer(config.optim, config.train.num_steps)
-  _, shardings = abstract_state(model, tx, config, mesh, rules_from_config(config))
-  before = jax.device_get(init_state(model, tx, config, shardings).params)
+  model, before = _init_params(config, tokenizer, mesh)
   out = model.apply({"params": before}, batch["image"], batch["text_ids"], batch["text_mask"])
   if kind == "softclip_tags":
     out["tag_feats"] = model.apply({"params": before}, batch["tag_ids"], batch["tag_mask"],
@@ -147,6 +152,9 @@ def test_resume_from_checkpoint_is_exact(shapes_data_dir, tmp_path):
   (resumed / wd.METRICS_FILE).unlink()
   _, state_resumed, _ = train(config, str(resumed))
 
+  # Every logged step has its throughput, FLOPs from the compiled step.
+  logged = [m for m in _metrics(full) if "loss" in m]
+  assert all(m["tflops_per_device"] > 0 and m["examples_per_sec"] > 0 for m in logged)
   full_losses = {m["step"]: m["loss"] for m in _metrics(full) if "loss" in m}
   resumed_losses = {m["step"]: m["loss"] for m in _metrics(resumed) if "loss" in m}
   assert sorted(resumed_losses) == [4, 5, 6]
@@ -188,3 +196,107 @@ def test_clustering_sets_k_and_grows_k_max(shapes_data_dir, tmp_path):
   ckpt.close()
   model = clusjax.load_pretrained(str(workdir))
   np.testing.assert_array_equal(model.params["prototypes"], z)
+
+
+def test_unimodal_terms_join_the_objective(data):
+  """Uni-modal contrast: with an identity image view, uni_image is the InfoNCE of
+  the image features with themselves; uni_text contrasts masked captions; the
+  ITC term is the one the step computes without them."""
+  config, tokenizer, batch = data
+  config = config.copy_and_resolve_references()
+  config.data.caption_negatives = ()
+  for key in ("itm_weight", "mlm_weight", "swap_weight", "prompt_weight", "noun_code_weight"):
+    config.loss[key] = 0.0
+  config.loss.unimodal.update(image_weight=0.5, text_weight=0.25, max_shift=0, brightness=0.0,
+                              noise_std=0.0)
+  validate(config)
+  batch = {k: batch[k] for k in dummy_batch(config, 1)}
+  mesh = create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  model, params = _init_params(config, tokenizer, mesh)
+  out = model.apply({"params": params}, batch["image"], batch["text_ids"], batch["text_mask"])
+  t = out["temperature"]
+  itc = infonce_from_logits(itc_logits(out["image_feats"], out["text_feats"], t))
+  identity_image = infonce_from_logits(itc_logits(out["image_feats"], out["image_feats"], t))
+  identity_text = infonce_from_logits(itc_logits(out["text_feats"], out["text_feats"], t))
+  _, m1, _ = _one_step(config, tokenizer, batch, mesh)
+  np.testing.assert_allclose(m1["itc"], itc, rtol=1e-5)
+  np.testing.assert_allclose(m1["uni_image"], identity_image, rtol=1e-5)
+  # From scratch all caption features are alike, so masking moves this little.
+  assert m1["uni_text"] == pytest.approx(float(identity_text), rel=1e-3)
+  np.testing.assert_allclose(m1["loss"], m1["itc"] + 0.5 * m1["uni_image"] + 0.25 * m1["uni_text"],
+                             rtol=1e-6)
+
+
+def test_throughput_reports_tflops_and_mfu_against_the_chip_peak():
+  from clusjax.train.loop import throughput
+  out = throughput(2e12, steps=10, seconds=4.0, batch_size=64, device_kind="TPU v5 lite",
+                   dtype="bfloat16")
+  assert out["examples_per_sec"] == 160.0 and out["tflops_per_device"] == 5.0
+  assert out["mfu"] == pytest.approx(5e12 / 197e12)
+  h100 = throughput(2e12, 10, 4.0, 64, "NVIDIA H100 80GB HBM3", "float32")
+  assert h100["mfu"] == pytest.approx(5e12 / 67e12)
+  assert "mfu" not in throughput(2e12, 10, 4.0, 64, "cpu", "float32")   # no peak in the table
+
+
+def _loss_and_grads(config, tokenizer, batch, mesh, accum):
+  config = config.copy_and_resolve_references()
+  config.grad_accum_steps = accum
+  config.mesh.update(dict(mesh.shape))
+  validate(config, mesh.size)
+  rules = rules_from_config(config)
+  model = build_model(config, tokenizer.vocab_size)
+  tx, _ = make_optimizer(config.optim, config.train.num_steps)
+  _, shardings = abstract_state(model, tx, config, mesh, rules)
+  state = init_state(model, tx, config, shardings)
+  sharding = batch_sharding(mesh, rules)
+  batch = {k: jax.device_put(v, sharding) for k, v in batch.items()}
+  fn = jax.jit(make_loss_and_grads(model, config, TextIds.of(tokenizer)))
+  with mesh_context(mesh, rules):
+    loss, (terms, out), grads = fn(state.params, batch, jax.random.key(0), state.active)
+  return jax.device_get((loss, terms, out, grads))
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_grad_accumulation_keeps_the_batch_terms_whole(data, devices):
+  """4 microbatches give the whole batch's ITC + swap prediction (+ noun code)
+  loss and gradients: their features see every negative and Sinkhorn the
+  whole batch. ITM and MLM (per microbatch) are off, and there is no dropout."""
+  config, tokenizer, batch = data
+  config = config.copy_and_resolve_references()
+  config.data.caption_negatives = ()
+  config.loss.itm_weight = config.loss.mlm_weight = config.loss.prompt_weight = 0.0
+  batch = {k: batch[k] for k in dummy_batch(config, 1)}
+  mesh = (create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]) if devices == 1
+          else create_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+  loss1, terms1, out1, grads1 = _loss_and_grads(config, tokenizer, batch, mesh, 1)
+  loss4, terms4, out4, grads4 = _loss_and_grads(config, tokenizer, batch, mesh, 4)
+  for key in ("itc", "swap", "noun_code", "negative_similarity"):
+    np.testing.assert_allclose(terms4[key], terms1[key], rtol=1e-5)
+  np.testing.assert_allclose(loss4, loss1, rtol=1e-5)
+  np.testing.assert_allclose(out4["image_feats"], out1["image_feats"], atol=1e-6)
+  flat1, flat4 = jax.tree.leaves(grads1), jax.tree.leaves(grads4)
+  scale = max(np.abs(g).max() for g in flat1)
+  assert scale > 0
+  for g1, g4 in zip(flat1, flat4):
+    np.testing.assert_allclose(g4, g1, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_grad_accumulation_trains_the_full_objective(data):
+  """All terms with 4 microbatches on 8 devices: ITM and MLM per microbatch."""
+  config, tokenizer, batch = data
+  config = config.copy_and_resolve_references()
+  config.data.caption_negatives = ()
+  config.grad_accum_steps = 4
+  batch = {k: batch[k] for k in dummy_batch(config, 1)}
+  _, m1, m2 = _one_step(config, tokenizer, batch, create_mesh({"data": 2, "fsdp": 2,
+                                                                "tensor": 2}))
+  for key in TERMS:
+    assert np.isfinite(m1[key]) and np.isfinite(m2[key])
+  assert m2["loss"] != m1["loss"]
+  config.grad_accum_steps = 3
+  with pytest.raises(ConfigError, match="not divisible by config.grad_accum_steps=3"):
+    validate(config)
+  config.grad_accum_steps, config.data.caption_negatives = 2, ("circle square",)
+  with pytest.raises(ConfigError, match="grad_accum_steps=2 does not work with "
+                                        "config.data.caption_negatives"):
+    validate(config)
