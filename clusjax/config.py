@@ -291,6 +291,26 @@ def train_stages(config):
   return stages
 
 
+def dcn_mesh_shape(mesh_config, shape):
+  """{axis: slices} of config.mesh.dcn (all 1 when absent), each dividing the
+  axis size in `shape` (`resolve_mesh_shape`'s)."""
+  dcn = mesh_config.get("dcn") or {}
+  unknown = set(dcn.keys()) - set(MESH_AXES)
+  if unknown:
+    raise ConfigError(f"config.mesh.dcn.{sorted(unknown)[0]} is not a mesh axis; axes are "
+                      f"{MESH_AXES}.")
+  out = {}
+  for axis in MESH_AXES:
+    value = dcn.get(axis, 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ConfigError(f"config.mesh.dcn.{axis}={value!r} must be a positive integer.")
+    if shape[axis] % value:
+      raise ConfigError(f"config.mesh.dcn.{axis}={value} does not divide the {axis} axis "
+                        f"({shape[axis]} devices): each slice holds an equal part of it.")
+    out[axis] = value
+  return out
+
+
 def resolve_mesh_shape(mesh_config, num_devices):
   """Returns {axis: size} with the one -1 axis filled in from num_devices."""
   shape = {}
@@ -299,7 +319,7 @@ def resolve_mesh_shape(mesh_config, num_devices):
     if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
       raise ConfigError(f"config.mesh.{axis}={value!r} must be a positive integer or -1.")
     shape[axis] = value
-  unknown = set(mesh_config.keys()) - set(MESH_AXES)
+  unknown = set(mesh_config.keys()) - set(MESH_AXES) - {"dcn"}
   if unknown:
     raise ConfigError(f"config.mesh.{sorted(unknown)[0]} is not a mesh axis; axes are {MESH_AXES}.")
   free = [a for a in MESH_AXES if shape[a] == -1]
@@ -471,6 +491,7 @@ def validate(config, num_devices=None):
 
   if num_devices is not None:
     shape = resolve_mesh_shape(config.mesh, num_devices)
+    dcn_mesh_shape(config.mesh, shape)
     for tower in ("vision", "text"):
       t = config.model[tower]
       for key, value, axis in (("width", t.width, "fsdp"), ("num_heads", t.num_heads, "tensor"),

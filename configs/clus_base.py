@@ -29,6 +29,9 @@ def get_config(arg=None):
 
   # Mesh axis sizes; -1 = all devices left. Batch is split over data x fsdp.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Of those, how many slices each axis spans over the data-centre network (DCN):
+  # TPU slices (--num_slices) or, on GPUs, processes (nodes). 1 = within a slice.
+  c.mesh.dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict()
   # Logical axis name -> mesh axes (MaxText style). Parameter names and
   # activation names ("act_*") are kept apart so they never claim the same

@@ -59,6 +59,8 @@ def main(argv):
   except ConfigError as e:
     fail(str(e))
   devices = topology_devices(_TOPOLOGY.value, _NUM_SLICES.value)
+  if _NUM_SLICES.value > 1 and all(v == 1 for v in config.mesh.dcn.values()):
+    config.mesh.dcn.data = _NUM_SLICES.value   # data parallel over DCN, as MaxText by default
   try:
     validate(config, len(devices))
   except ConfigError as e:

@@ -10,20 +10,45 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from clusjax.config import MESH_AXES, resolve_mesh_shape
+from clusjax.config import MESH_AXES, dcn_mesh_shape, resolve_mesh_shape
+
+
+def device_grid(mesh_config, devices):
+  """The devices as an array of the mesh's shape (data, fsdp, tensor).
+
+  With `mesh_config.dcn` (slices per axis, product > 1) the grid is hybrid
+  (`mesh_utils.create_hybrid_device_mesh`): each slice (a TPU slice, or the
+  devices of one process on GPUs and CPUs) holds a contiguous block of every
+  axis, so only the axes split over slices talk over the data-centre network.
+  """
+  shape = resolve_mesh_shape(mesh_config, len(devices))
+  dcn = dcn_mesh_shape(mesh_config, shape)
+  if math.prod(dcn.values()) == 1:
+    return np.asarray(devices).reshape([shape[a] for a in MESH_AXES])
+  by_slice = hasattr(devices[0], "slice_index")
+  granules = {d.slice_index if by_slice else d.process_index for d in devices}
+  if len(granules) != math.prod(dcn.values()):
+    raise ValueError(
+        f"config.mesh.dcn={dcn} asks for {math.prod(dcn.values())} slices, but the "
+        f"{len(devices)} devices form {len(granules)} "
+        f"{'TPU slices' if by_slice else 'processes'}.")
+  return mesh_utils.create_hybrid_device_mesh(
+      [shape[a] // dcn[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES], devices,
+      process_is_granule=not by_slice, allow_split_physical_axes=True)
 
 
 def create_mesh(mesh_config, devices=None):
-  """Builds a Mesh over `devices` (default: all) with axes (data, fsdp, tensor).
+  """Builds a Mesh over `devices` (default: all) with axes (data, fsdp, tensor)
+  (`device_grid`: hybrid with config.mesh.dcn).
 
   Axis types are Auto: classic jit/GSPMD propagation, where XLA inserts the
   collectives (jax 0.10 defaults to Explicit, which refuses mixed shardings).
   """
   devices = jax.devices() if devices is None else list(devices)
-  shape = resolve_mesh_shape(mesh_config, len(devices))
-  grid = np.asarray(devices).reshape([shape[a] for a in MESH_AXES])
+  grid = device_grid(mesh_config, devices)
   return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
