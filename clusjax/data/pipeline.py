@@ -242,12 +242,11 @@ def make_train_iterator(source, *, global_batch_size, seed, image_size, tokenize
   # differ. Hashing the seed keeps run seed=1 from replaying seed=0's epoch 2.
   shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
   stream = grain.MapDataset.range(len(source)).shuffle(seed=shuffle_seed).repeat(None)
-  ds = grain.MapDataset.range(_SAMPLED_POSITIONS).map(
-      SampledIndex(_StreamBatches(stream, global_batch_size), local_batch, process_index))
-  decode = _DecodeIndex(source, image_size, tokenizer, max_text_len,
-                        negative_groups=negative_groups, seed=seed,
-                        prompt_labeler=prompt_labeler, tagger=tagger)
-  return _decoded_batches(ds, decode, local_batch, num_workers, bad_limit=len(source))
+  return make_sampled_iterator(
+      source, _StreamBatches(stream, global_batch_size), global_batch_size=global_batch_size,
+      seed=seed, image_size=image_size, tokenizer=tokenizer, max_text_len=max_text_len,
+      process_index=process_index, process_count=process_count, num_workers=num_workers,
+      negative_groups=negative_groups, prompt_labeler=prompt_labeler, tagger=tagger)
 
 
 class _StreamBatches:
