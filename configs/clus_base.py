@@ -22,6 +22,10 @@ def get_config(arg=None):
   # none | full (recompute all but the block's input in the backward pass) | a
   # jax.checkpoint_policies name (dots_saveable, nothing_saveable, ...). Params unchanged.
   c.remat = "none"
+  # Each layer stack (ViT, text, fusion) as one lax.scan over its layers' stacked
+  # params: XLA compiles a layer once (big models, big meshes compile in minutes).
+  # The parameter tree is unchanged; the stacked copy is a step temporary.
+  c.scan_layers = False
   # Gradient accumulation: the global batch in this many microbatches. ITC, noun
   # codes and swap prediction still see the whole batch (features first, then
   # each microbatch backwards); the other terms are per microbatch (README).

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from clusjax.models.layers import (ACT_EMBED, Embed, LayerNorm, TransformerBlock, constrain,
-                                   remat_block)
+                                   run_layers)
 
 Dtype = Any
 
@@ -43,6 +43,7 @@ class BertEncoder(nn.Module):
   dtype: Dtype = jnp.float32          # compute dtype; params stay float32
   layer_norm_eps: float = 1e-12       # HF BertConfig default
   remat: str = "none"                 # config.remat: activation checkpointing of the layers
+  scan_layers: bool = False           # config.scan_layers: the layers as one lax.scan
 
   @nn.compact
   def __call__(self, ids, mask=None, deterministic=True):
@@ -80,10 +81,8 @@ class BertEncoder(nn.Module):
     x = constrain(x, ACT_EMBED)
 
     kv_mask = None if mask is None else mask.astype(bool)
-    layer = remat_block(TransformerBlock, self.remat, static_argnums=(3,))
-    for i in range(self.depth):
-      x = layer(
-          num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=False, dropout=self.dropout,
-          dtype=self.dtype, layer_norm_eps=self.layer_norm_eps, name=f"layer_{i}",
-      )(x, kv_mask, deterministic)
-    return x
+    layer = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=False,
+                 dropout=self.dropout, dtype=self.dtype, layer_norm_eps=self.layer_norm_eps)
+    return run_layers(self, {"layer": (TransformerBlock, layer, (3,), "layer_{}")},
+                      range(self.depth), lambda x, b: b["layer"](x, kv_mask, deterministic), x,
+                      deterministic=deterministic, remat=self.remat, scan=self.scan_layers)

@@ -60,17 +60,18 @@ class ClusModel(nn.Module):
   siglip: bool = False                       # SigLIP's log temperature and bias (loss.itc.kind)
   dtype: jnp.dtype = jnp.float32
   remat: str = "none"                        # config.remat, for every transformer block
+  scan_layers: bool = False                  # config.scan_layers: tower, fusion stacks as lax.scan
 
   def setup(self):
     cfg = self.config
     self.vision = ViT(
         patch_size=cfg.vision.patch_size, width=cfg.vision.width, depth=cfg.vision.depth,
         num_heads=cfg.vision.num_heads, mlp_dim=cfg.vision.mlp_dim, dropout=cfg.dropout,
-        dtype=self.dtype, remat=self.remat)
+        dtype=self.dtype, remat=self.remat, scan_layers=self.scan_layers)
     self.text = BertEncoder(
         vocab_size=self.vocab_size, width=cfg.text.width, depth=cfg.text.depth,
         num_heads=cfg.text.num_heads, mlp_dim=cfg.text.mlp_dim, max_len=self.max_text_len,
-        dropout=cfg.dropout, dtype=self.dtype, remat=self.remat)
+        dropout=cfg.dropout, dtype=self.dtype, remat=self.remat, scan_layers=self.scan_layers)
     self.vision_proj = self._projection("vision_proj")
     self.text_proj = self._projection("text_proj")
     self.temperature = self.param(
@@ -87,7 +88,8 @@ class ClusModel(nn.Module):
         (cfg.embed_dim, self.num_prototypes), jnp.float32)
     self.fusion = FusionEncoder(
         kind=cfg.fusion, depth=cfg.fusion_depth, num_heads=cfg.text.num_heads,
-        mlp_dim=cfg.text.mlp_dim, dropout=cfg.dropout, dtype=self.dtype, remat=self.remat)
+        mlp_dim=cfg.text.mlp_dim, dropout=cfg.dropout, dtype=self.dtype, remat=self.remat,
+        scan_layers=self.scan_layers)
     self.cluster_encoder = None
     if self.longnet is not None and self.longnet.depth > 0:
       ln = self.longnet
@@ -181,7 +183,8 @@ def padded_vocab_size(vocab_size):
 
 
 def build_model(config, vocab_size):
-  """The run config -> ClusModel (compute dtype config.dtype, block remat config.remat)."""
+  """The run config -> ClusModel (compute dtype config.dtype, block remat config.remat,
+  layer stacks as scans for config.scan_layers)."""
   return ClusModel(config=ml_collections.FrozenConfigDict(config.model),
                    vocab_size=padded_vocab_size(vocab_size),
                    max_text_len=config.data.max_text_len,
@@ -192,4 +195,5 @@ def build_model(config, vocab_size):
                    siglip=itc_kind(config.loss) == "siglip",
                    dtype=jnp.dtype(config.dtype),
                    # Workdirs from before the key: no remat.
-                   remat=config.get("remat", "none"))
+                   remat=config.get("remat", "none"),
+                   scan_layers=config.get("scan_layers", False))

@@ -12,13 +12,14 @@ self_attention (Fig. 5b): the two token streams are concatenated and run
 through plain post-LN transformer blocks; by default enough of them to match
 the co-attention parameter count (see `self_attention_depth`).
 """
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from clusjax.config import FUSIONS
-from clusjax.models.layers import TransformerBlock, remat_block
+from clusjax.models.layers import TransformerBlock, run_layers
 
 Dtype = Any
 
@@ -48,13 +49,16 @@ class FusionEncoder(nn.Module):
   dtype: Dtype = jnp.float32
   layer_norm_eps: float = 1e-12
   remat: str = "none"  # config.remat: activation checkpointing of the blocks
+  scan_layers: bool = False  # config.scan_layers: the blocks (all but the last co-attention one) as one lax.scan
 
-  def _block(self, name, cross):
-    # Called as (x, mask, deterministic[, context, context_mask, num_queries]).
-    block = remat_block(TransformerBlock, self.remat, static_argnums=(3, 6) if cross else (3,))
-    return block(self.num_heads, self.mlp_dim, pre_norm=False, cross_attention=cross,
-                 dropout=self.dropout, dtype=self.dtype, layer_norm_eps=self.layer_norm_eps,
-                 name=name)
+  def _blocks(self, cross, **name_formats):
+    """{role: run_layers block spec}; called as (x, mask, deterministic[, context,
+    context_mask, num_queries])."""
+    kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=False,
+                  cross_attention=cross, dropout=self.dropout, dtype=self.dtype,
+                  layer_norm_eps=self.layer_norm_eps)
+    static = (3, 6) if cross else (3,)
+    return {role: (TransformerBlock, kwargs, static, fmt) for role, fmt in name_formats.items()}
 
   @nn.compact
   def __call__(self, image_tokens, text_tokens, text_mask, deterministic=True, outputs="all"):
@@ -70,19 +74,22 @@ class FusionEncoder(nn.Module):
       raise ValueError(f"outputs={outputs!r} must be 'all', 'cls' or 'text'.")
     text_mask = text_mask.astype(bool)
     image_mask = jnp.ones(image_tokens.shape[:2], bool)
+    run = functools.partial(run_layers, self, deterministic=deterministic, remat=self.remat,
+                            scan=self.scan_layers)
     if self.kind == "co_attention":
-      img, txt = image_tokens, text_tokens
-      for i in range(self.depth):
-        last = i == self.depth - 1
-        n = 1 if last and outputs == "cls" else None
-        new_img = None
-        if not (last and outputs == "text"):
-          new_img = self._block(f"image_block_{i}", cross=True)(
-              img, image_mask, deterministic, txt, text_mask, n)
-        new_txt = self._block(f"text_block_{i}", cross=True)(
-            txt, text_mask, deterministic, img, image_mask, n)
-        img, txt = new_img, new_txt
-      return img, txt
+      blocks = self._blocks(True, image="image_block_{}", text="text_block_{}")
+
+      def layer(streams, b, n=None, image=True):
+        img, txt = streams
+        new_img = b["image"](img, image_mask, deterministic, txt, text_mask, n) if image else None
+        return new_img, b["text"](txt, text_mask, deterministic, img, image_mask, n)
+
+      last = self.depth - 1
+      streams = run(blocks, range(last), layer, (image_tokens, text_tokens))
+      # The last block computes only what the caller reads.
+      return run(blocks, range(last, self.depth),
+                 functools.partial(layer, n=1 if outputs == "cls" else None,
+                                   image=outputs != "text"), streams)
     if self.kind == "self_attention":
       width = text_tokens.shape[-1]
       if image_tokens.shape[-1] != width:
@@ -94,8 +101,9 @@ class FusionEncoder(nn.Module):
       x = jnp.concatenate([image_tokens + modality[0].astype(image_tokens.dtype),
                            text_tokens + modality[1].astype(text_tokens.dtype)], axis=1)
       mask = jnp.concatenate([image_mask, text_mask], axis=1)
-      for i in range(self_attention_depth(self.depth, width, self.mlp_dim)):
-        x = self._block(f"block_{i}", cross=False)(x, mask, deterministic)
+      x = run(self._blocks(False, block="block_{}"),
+              range(self_attention_depth(self.depth, width, self.mlp_dim)),
+              lambda x, b: b["block"](x, mask, deterministic), x)
       n = image_tokens.shape[1]
       img, txt = x[:, :n], x[:, n:]
       if outputs == "cls":

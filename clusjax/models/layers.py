@@ -20,8 +20,11 @@ after the q.k product. LayerNorm, logits and softmax run in float32 whatever
 the compute dtype; parameters are always float32.
 
 `remat_block` wraps a block class in `nn.remat` for `config.remat` (activation
-checkpointing); the towers apply it to every block.
+checkpointing); the towers apply it to every block. `run_layers` runs a
+tower's layers as a Python loop or, for `config.scan_layers`, as one
+`lax.scan` over their stacked parameters (XLA compiles the layer once).
 """
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -304,5 +307,66 @@ def remat_block(module_cls, policy, static_argnums):
   """
   if policy == "none":
     return module_cls
-  checkpoint_policy = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
-  return nn.remat(module_cls, policy=checkpoint_policy, static_argnums=static_argnums)
+  return nn.remat(module_cls, policy=_checkpoint_policy(policy), static_argnums=static_argnums)
+
+
+def _checkpoint_policy(policy):
+  return None if policy == "full" else getattr(jax.checkpoint_policies, policy)
+
+
+def run_layers(module, blocks, layers, layer_fn, carry, *, deterministic, remat="none",
+               scan=False):
+  """`carry` through the layers `layers` (a range) of `module`, in order.
+
+  Args:
+    module: the calling (compact) module; the blocks are its children.
+    blocks: {role: (block class, constructor kwargs, static_argnums, name
+      format)}; layer i has one block per role, named `format.format(i)`.
+    layers: range of layer indices.
+    layer_fn: (carry, {role: block callable}) -> carry, one layer.
+    deterministic: False draws each block's dropout from the 'dropout' rng.
+    remat: config.remat for every block.
+    scan: config.scan_layers. False: a Python loop over bound blocks (and
+      always at init, which creates the per-layer parameters). True: one
+      `jax.lax.scan` whose body applies unbound blocks to the layer's slice of
+      the parameters stacked along a new leading axis, so XLA compiles the
+      layer once instead of len(layers) times. The parameter tree is the same
+      either way (block_0, block_1, ...): checkpoints, export and import do
+      not see the switch. Cost: the stacked copy of the layers' parameters
+      (and of their gradients) is a temporary of the step. Dropout masks
+      differ from the loop's (a per-layer key split); without dropout the
+      two give the same values.
+  """
+  if not scan or module.is_initializing() or len(layers) < 2:
+    for i in layers:
+      called = {role: remat_block(cls, remat, static)(**kwargs, name=fmt.format(i))
+                for role, (cls, kwargs, static, fmt) in blocks.items()}
+      carry = layer_fn(carry, called)
+    return carry
+
+  params = module.variables["params"]
+  stacked = {role: jax.tree.map(lambda *a: jnp.stack(a),
+                                *[nn.meta.unbox(params[fmt.format(i)]) for i in layers])
+             for role, (_, _, _, fmt) in blocks.items()}
+  keys = None
+  if not deterministic:
+    keys = jax.random.split(module.make_rng("dropout"), len(layers))
+  unbound = {role: cls(**kwargs, parent=None) for role, (cls, kwargs, _, _) in blocks.items()}
+
+  def body(carry, xs):
+    layer_params, key = xs
+
+    def call(n, role, *args):
+      rngs = {} if key is None else {"dropout": jax.random.fold_in(key, n)}
+      return unbound[role].apply({"params": layer_params[role]}, *args, rngs=rngs)
+    called = {role: functools.partial(call, n, role) for n, role in enumerate(blocks)}
+    return layer_fn(carry, called), None
+
+  if remat != "none":
+    body = jax.checkpoint(body, policy=_checkpoint_policy(remat), prevent_cse=False)
+  # A block returns its compute dtype: the carry enters the scan in the dtype it leaves in.
+  first = jax.tree.map(lambda a: a[0], (stacked, keys))
+  out = jax.eval_shape(lambda c: body(c, first)[0], carry)
+  carry = jax.tree.map(lambda c, o: c.astype(o.dtype), carry, out)
+  carry, _ = jax.lax.scan(body, carry, (stacked, keys))
+  return carry

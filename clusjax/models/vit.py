@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from clusjax.models.layers import (ACT_EMBED, LayerNorm, TransformerBlock, constrain,
-                                   default_init, remat_block)
+                                   default_init, run_layers)
 
 Dtype = Any
 
@@ -39,6 +39,7 @@ class ViT(nn.Module):
   dtype: Dtype = jnp.float32          # compute dtype; params stay float32
   layer_norm_eps: float = 1e-12       # HF ViTConfig default
   remat: str = "none"                 # config.remat: activation checkpointing of the blocks
+  scan_layers: bool = False           # config.scan_layers: the blocks as one lax.scan
 
   @nn.compact
   def __call__(self, images, deterministic=True):
@@ -90,11 +91,10 @@ class ViT(nn.Module):
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     x = constrain(x, ACT_EMBED)
 
-    block = remat_block(TransformerBlock, self.remat, static_argnums=(3,))
-    for i in range(self.depth):
-      x = block(
-          num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=True, dropout=self.dropout,
-          dtype=self.dtype, layer_norm_eps=self.layer_norm_eps, name=f"block_{i}",
-      )(x, None, deterministic)
+    block = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=True,
+                 dropout=self.dropout, dtype=self.dtype, layer_norm_eps=self.layer_norm_eps)
+    x = run_layers(self, {"block": (TransformerBlock, block, (3,), "block_{}")},
+                   range(self.depth), lambda x, b: b["block"](x, None, deterministic), x,
+                   deterministic=deterministic, remat=self.remat, scan=self.scan_layers)
     x = LayerNorm(self.layer_norm_eps, self.dtype, name="final_norm")(x)
     return constrain(x, ACT_EMBED)
