@@ -60,6 +60,15 @@ def caption_negative_groups(groups, key="config.data.caption_negatives"):
   return tuple(parsed)
 
 
+def set_key(config, key, value):
+  """Sets the dotted `key` ("loss.itc.kind") of `config` to `value`, in place."""
+  *parents, leaf = key.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
 def _get(config, path):
   node = config
   for part in path.split("."):

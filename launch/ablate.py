@@ -27,6 +27,7 @@ from ml_collections import config_flags
 # Make `clusjax` importable from a plain checkout too (no `pip install -e .`).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clusjax.cli import fail, parse_flags  # noqa: E402
+from clusjax.config import set_key  # noqa: E402
 
 # Row -> config overrides (keys with dots; a value may be a function of the
 # config), relative to the full Clus objective (configs/clus_base.py). The
@@ -81,12 +82,7 @@ def row_config(config, row, seed):
   """`config` with `row`'s overrides and `seed`."""
   c = config.copy_and_resolve_references()
   for key, value in ROWS[row].items():
-    value = value(c) if callable(value) else value
-    *parents, leaf = key.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    set_key(c, key, value(c) if callable(value) else value)
   c.seed = seed
   c.data.seed = seed
   return c

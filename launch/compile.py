@@ -9,7 +9,8 @@ topologies`), lowers and compiles the same sharded train step that
 `launch/main.py` runs, and prints per-device memory (arguments, outputs,
 temporaries, total against the chip's HBM), FLOPs per step from the compiled
 cost analysis, and the step time at the chip's peak (a lower bound). Exits 1
-naming the overflow when the step does not fit in HBM, 2 on bad flags.
+naming the overflow when the step does not fit in HBM (by the compiled
+sizes, or when the TPU compiler itself runs out of HBM), 2 on bad flags.
 
 The dilated-attention Pallas kernel is tried on the topology first; the
 output says whether it lowers there or the step uses the XLA path, and why.
@@ -80,7 +81,15 @@ def main(argv):
              f"the kernel does not compile for this TPU: {why}"), flush=True)
     config.longnet.implementation = "xla"
 
-  cost = compile_step(config, devices)
+  try:
+    cost = compile_step(config, devices)
+  except Exception as e:  # noqa: BLE001 - XLA's allocator says what overflowed
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    fail(f"the step does not fit on {kind} ({_TOPOLOGY.value}): the compiler ran out of "
+         f"memory: {str(e).strip().splitlines()[0]} Shard more (config.mesh, "
+         "config.sharding.rules), lower config.train.batch_size or set config.remat=full.",
+         code=1)
   print(f"mesh {cost.mesh_shape}; {cost.num_params / 1e6:.1f}M params; per device: params "
         f"{format_bytes(cost.params_bytes)}, optimizer state "
         f"{format_bytes(cost.opt_state_bytes)}; global batch {config.train.batch_size}, "

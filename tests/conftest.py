@@ -19,6 +19,8 @@ import sys  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from clusjax.config import set_key  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)  # for `from configs import clus_base`
@@ -56,11 +58,7 @@ def micro_config(data_dir, **overrides):
   c.data.data_dir = str(data_dir)
   items = dict(MICRO, **{k.replace("__", "."): v for k, v in overrides.items()})
   for key, value in items.items():
-    *parents, leaf = key.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    set_key(c, key, value)
   return c
 
 

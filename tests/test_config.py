@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from clusjax.config import ConfigError, resolve_mesh_shape, validate
+from clusjax.config import ConfigError, resolve_mesh_shape, set_key, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -41,12 +41,8 @@ def test_base_config_is_the_paper():
 ])
 def test_validate_names_the_bad_key(key, value, message):
   c = clus_base.get_config("tiny")
-  node = c
-  *parents, leaf = key.split(".")
-  for p in parents:
-    node = node[p]
   with c.unlocked():
-    node[leaf] = value
+    set_key(c, key, value)
   with pytest.raises(ConfigError, match=re.escape(message)):
     validate(c, num_devices=8)
 
@@ -79,11 +75,7 @@ def _run_main(*args):
 def test_itc_settings_are_checked_for_their_kind(settings, message):
   c = clus_base.get_config("tiny")
   for key, value in settings.items():
-    *parents, leaf = key.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    set_key(c, key, value)
   with pytest.raises(ConfigError, match=re.escape(message)):
     validate(c, num_devices=8)
   c.loss.itc.kind = "infonce"   # the other kinds' settings are not read

@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from clusjax import workdir as wd
 from clusjax.clustering import cluster_points
+from clusjax.config import set_key
 from clusjax.data import iterate_eval
 
 STAGES_DIR = "stages"
@@ -39,11 +40,7 @@ def stage_config(config, stage):
   """A copy of `config` with the stage's loss weights."""
   c = config.copy_and_resolve_references()
   for key, weight in stage.loss:
-    *parents, leaf = key.split(".")
-    node = c.loss
-    for p in parents:
-      node = node[p]
-    node[leaf] = weight
+    set_key(c.loss, key, weight)
   return c
 
 
