@@ -100,13 +100,15 @@ class ClusModel(nn.Module):
           implementation=ln.implementation, dropout=cfg.dropout, dtype=self.dtype,
           remat=self.remat, name="longnet")
     # ITM: match / no-match from the two fused CLS tokens (and the LongNet pool), concatenated.
-    self.itm_head = dense(2, ("embed", None), dtype=self.dtype, name="itm_head")
+    # Both heads give float32 logits (the softmax's input is never rounded to bf16).
+    self.itm_head = dense(2, ("embed", None), dtype=self.dtype, float32_output=True,
+                          name="itm_head")
     # MLM: BERT's prediction head (dense, GELU, LayerNorm, decoder over the vocabulary).
     self.mlm_transform = dense(cfg.text.width, ("embed", "mlp"), dtype=self.dtype,
                                name="mlm_transform")
     self.mlm_norm = LayerNorm(1e-12, self.dtype, name="mlm_norm")
     self.mlm_decoder = dense(self.vocab_size, ("embed", "vocab"), dtype=self.dtype,
-                             kernel_init=default_init, name="mlm_decoder")
+                             kernel_init=default_init, float32_output=True, name="mlm_decoder")
 
   def _projection(self, name):
     return nn.Dense(
@@ -147,14 +149,14 @@ class ClusModel(nn.Module):
       v_t = image_feats.astype(jnp.float32) @ z / self.cluster_temperature
       v_i = text_feats.astype(jnp.float32) @ z / self.cluster_temperature
       parts.append(self.cluster_encoder(v_t, v_i, active, deterministic).astype(img.dtype))
-    return self.itm_head(jnp.concatenate(parts, axis=-1)).astype(jnp.float32)
+    return self.itm_head(jnp.concatenate(parts, axis=-1))
 
   def mlm_logits(self, image_tokens, ids, mask, deterministic=True):
     """Encodes (masked) ids, fuses them with the images -> logits [B, L, V] float32."""
     text_tokens, _ = self.encode_text(ids, mask, deterministic)
     _, txt = self.fusion(image_tokens, text_tokens, mask, deterministic, outputs="text")
     h = nn.gelu(self.mlm_transform(txt), approximate=False)
-    return self.mlm_decoder(self.mlm_norm(h)).astype(jnp.float32)
+    return self.mlm_decoder(self.mlm_norm(h))
 
   def __call__(self, images, ids, mask, deterministic=True):
     """The two towers: ITC features, tokens, temperature and unit-norm prototypes."""

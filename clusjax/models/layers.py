@@ -65,10 +65,13 @@ class DenseGeneral(nn.Module):
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   kernel_init: Any = default_init
+  # Logits for a float32 softmax: the product accumulated and returned in
+  # float32 (never rounded to bf16), its backward in self.dtype (einsum_f32).
+  float32_output: bool = False
 
   @nn.compact
   def __call__(self, x):
-    """x: [..., *in_dims] -> [..., *features] in self.dtype."""
+    """x: [..., *in_dims] -> [..., *features] in self.dtype (float32_output: float32)."""
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
     axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
     axis = tuple(a % x.ndim for a in axis)
@@ -84,21 +87,28 @@ class DenseGeneral(nn.Module):
 
     kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.names)),
                         in_shape + features, jnp.float32)
-    dims = ((axis, tuple(range(len(axis)))), ((), ()))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), dims)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if self.float32_output:
+      if axis != (x.ndim - 1,) or len(features) != 1:
+        raise ValueError("float32_output takes one input and one output axis; got "
+                         f"axis={self.axis}, features={self.features}.")
+      y = einsum_f32("...i,io->...o", x, kernel)
+    else:
+      y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(len(axis)))), ((), ())))
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
           nn.initializers.zeros, tuple(self.names[len(axis):])), features, jnp.float32)
-      y = y + bias.astype(self.dtype)
+      y = y + bias.astype(y.dtype)
     return y
 
 
 def dense(features, names, *, axis=-1, dtype=jnp.float32, use_bias=True,
-          kernel_init=default_init, name=None):
+          kernel_init=default_init, float32_output=False, name=None):
   """A DenseGeneral; `names` are the kernel's logical axis names, e.g.
   ("embed", "heads", "kv") for [E] -> [H, D]; the bias takes the output names."""
   return DenseGeneral(features=features, names=tuple(names), axis=axis, use_bias=use_bias,
-                      dtype=dtype, kernel_init=kernel_init, name=name)
+                      dtype=dtype, kernel_init=kernel_init, float32_output=float32_output,
+                      name=name)
 
 
 class Embed(nn.Module):

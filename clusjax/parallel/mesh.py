@@ -61,10 +61,31 @@ def rules_from_config(config):
 def logical_shardings(abstract_boxed_tree, mesh, rules):
   """NamedShardings for a tree whose leaves are nn.LogicallyPartitioned (or plain).
 
-  Plain leaves (step counters, RNG keys, optimizer counts) are replicated.
+  Plain leaves (step counters, RNG keys, optimizer counts) are replicated. A
+  dimension that its mesh axes do not divide (LongNet's width 64 over fsdp
+  256, the ITM head's 1,600 inputs) is split over those of its axes that do,
+  in order, and replicated over the rest (`fit_spec`).
   """
   specs = nn.get_partition_spec(abstract_boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  return jax.tree.map(lambda sh, x: NamedSharding(mesh, fit_spec(sh.spec, x.shape, mesh)),
+                      shardings, nn.unbox(abstract_boxed_tree))
+
+
+def fit_spec(spec, shape, mesh):
+  """`spec` (a PartitionSpec for `shape`) without the mesh axes that would split a
+  dimension unevenly: each dimension keeps its axes, in order, while their
+  product divides its size."""
+  fitted = []
+  for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    kept, split = [], 1
+    for name in names:
+      if size % (split * mesh.shape[name]) == 0:
+        kept.append(name)
+        split *= mesh.shape[name]
+    fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return P(*fitted)
 
 
 def batch_sharding(mesh, rules):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr
 
-from clusjax.models.clus import build_model
+from clusjax.models.clus import build_model, padded_vocab_size
 from clusjax.parallel.mesh import create_mesh, rules_from_config
 from clusjax.train.loop import compile_train_step
 from clusjax.train.optimizer import make_optimizer
@@ -98,6 +98,15 @@ def test_bfloat16_matmuls_with_float32_statistics(tmp_path):
     shapes = [v.aval.shape for v in e.invars]
     assert all(len(s) == 2 for s in shapes), shapes
     assert any(config.model.embed_dim in s for s in shapes), shapes
+  # The MLM decoder's [B, L, V] logits are accumulated and returned in float32 (a bf16
+  # rounding of the softmax's input would cost ~3 significant digits).
+  vocab_size = padded_vocab_size(config.data.vocab_size)
+  length = config.data.max_text_len
+  forward = all_eqns(jax.make_jaxpr(loss_fn(config))(params).jaxpr)
+  decoder = [e for e in forward if e.primitive.name == "dot_general"
+             and e.outvars[0].aval.shape[1:] == (length, vocab_size)
+             and e.invars[1].aval.shape == (config.model.text.width, vocab_size)]
+  assert decoder and all(e.outvars[0].aval.dtype == F32 for e in decoder), decoder
   # Softmax / log-softmax statistics and LayerNorm are float32.
   for name in ("reduce_max", "log", "rsqrt"):
     dtypes = {e.invars[0].aval.dtype for e in eqns if e.primitive.name == name}
