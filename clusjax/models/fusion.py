@@ -49,7 +49,8 @@ class FusionEncoder(nn.Module):
   dtype: Dtype = jnp.float32
   layer_norm_eps: float = 1e-12
   remat: str = "none"  # config.remat: activation checkpointing of the blocks
-  scan_layers: bool = False  # config.scan_layers: the blocks (all but the last co-attention one) as one lax.scan
+  # config.scan_layers: the blocks as one lax.scan (co-attention: all but the last).
+  scan_layers: bool = False
 
   def _blocks(self, cross, **name_formats):
     """{role: run_layers block spec}; called as (x, mask, deterministic[, context,
