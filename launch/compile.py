@@ -67,6 +67,7 @@ def main(argv):
   except ConfigError as e:
     fail(str(e))
 
+  import jax
   from clusjax.parallel.hardware import chip_of
   from clusjax.train.aot import compile_step, fits, format_bytes, pallas_kernel_compiles
   kind = devices[0].device_kind
@@ -83,7 +84,7 @@ def main(argv):
 
   try:
     cost = compile_step(config, devices)
-  except Exception as e:  # noqa: BLE001 - XLA's allocator says what overflowed
+  except jax.errors.JaxRuntimeError as e:   # XLA's allocator says what overflowed
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     fail(f"the step does not fit on {kind} ({_TOPOLOGY.value}): the compiler ran out of "

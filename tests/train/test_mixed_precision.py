@@ -84,7 +84,8 @@ def test_bfloat16_matmuls_with_float32_statistics(tmp_path):
   """In the forward and backward pass of the whole objective."""
   config = micro_config(tmp_path, dtype="bfloat16")
   params = init_params(config)
-  jaxpr = jax.make_jaxpr(jax.grad(lambda p: loss_fn(config)(p)[0]))(params).jaxpr
+  fn = loss_fn(config)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: fn(p)[0]))(params).jaxpr
   eqns = list(all_eqns(jaxpr))
   dots = [e for e in eqns if e.primitive.name in ("dot_general", "conv_general_dilated")]
   operands = [{v.aval.dtype for v in e.invars} for e in dots]
@@ -102,7 +103,7 @@ def test_bfloat16_matmuls_with_float32_statistics(tmp_path):
   # rounding of the softmax's input would cost ~3 significant digits).
   vocab_size = padded_vocab_size(config.data.vocab_size)
   length = config.data.max_text_len
-  forward = all_eqns(jax.make_jaxpr(loss_fn(config))(params).jaxpr)
+  forward = all_eqns(jax.make_jaxpr(fn)(params).jaxpr)
   decoder = [e for e in forward if e.primitive.name == "dot_general"
              and e.outvars[0].aval.shape[1:] == (length, vocab_size)
              and e.invars[1].aval.shape == (config.model.text.width, vocab_size)]
