@@ -2,19 +2,41 @@
 
 XLA_FLAGS must be set before jax is imported anywhere, so this runs first.
 """
+import hashlib
 import os
+import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+# 8 fake CPU devices, and no YNN fusions: XLA:CPU in jaxlib 0.10.2 turns them on
+# by default, and they crash or hang on some CPUs (jax-ml/jax#39257) in a worker
+# thread, which kills the whole pytest process. Flags already set are kept.
+TEST_XLA_FLAGS = (f"{DEVICE_COUNT_FLAG}=8", "--xla_cpu_experimental_ynn_fusion_type=")
+_flags = os.environ.get("XLA_FLAGS", "").split()
+_flags += [f for f in TEST_XLA_FLAGS
+           if not any(g.split("=")[0] == f.split("=")[0] for g in _flags)]
+os.environ["XLA_FLAGS"] = " ".join(_flags)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import jaxlib  # noqa: E402
+
+
+def _host_key():
+  """jaxlib version + this CPU's model and feature flags: XLA:CPU executables are
+  compiled for the host, so a cache copied to another machine is not read."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      lines = [l for l in f if l.startswith(("model name", "flags"))][:2]
+  except OSError:
+    lines = []
+  return f"{jaxlib.__version__}-{hashlib.sha256(''.join(lines).encode()).hexdigest()[:12]}"
+
 
 jax.config.update(
     "jax_compilation_cache_dir",
-    os.environ.get("CLUSJAX_TEST_CACHE", os.path.expanduser("~/.cache/clusjax/jax_test_cache")))
+    os.environ.get("CLUSJAX_TEST_CACHE",
+                   os.path.join(os.path.expanduser("~/.cache/clusjax/jax_test_cache"), _host_key())))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-
-import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -49,6 +71,13 @@ MICRO = {
 for _tower in ("vision", "text"):
   MICRO.update({f"model.{_tower}.width": 32, f"model.{_tower}.depth": 1,
                 f"model.{_tower}.num_heads": 2, f"model.{_tower}.mlp_dim": 64})
+
+
+def subprocess_env(**extra):
+  """The environment for a command run as a user runs it: one CPU device (the
+  device-count flag dropped, the other test XLA flags kept), plus `extra`."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
+  return dict(os.environ, XLA_FLAGS=" ".join(flags), **extra)
 
 
 def micro_config(data_dir, **overrides):

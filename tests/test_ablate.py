@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT, micro_flags
+from tests.conftest import ROOT, micro_flags, subprocess_env
 
 ABLATE = [sys.executable, os.path.join(ROOT, "launch", "ablate.py"),
           "--config=" + os.path.join(ROOT, "configs", "clus_base.py:tiny")]
@@ -15,16 +15,10 @@ SMALL = ["--config.loss.itm_weight=0", "--config.loss.mlm_weight=0",
          "--config.eval.evaluators=('retrieval',)"]
 
 
-def _env():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  return env
-
-
 def test_ablation_table_from_rows_and_seeds(shapes_data_dir, tmp_path):
   cmd = ABLATE + [f"--workdir={tmp_path}", "--rows=itc,siglip", "--seeds=2"] + SMALL + [
       f for f in micro_flags(shapes_data_dir) if "train.num_steps" not in f]
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads((tmp_path / "ablation.json").read_text())
   assert set(out["runs"]) == {"itc", "siglip"} and out["steps"] == 3
@@ -44,12 +38,12 @@ def test_ablation_table_from_rows_and_seeds(shapes_data_dir, tmp_path):
   assert (tmp_path / "ablation.png").stat().st_size > 0
 
   # Done runs are not redone: the same command only rebuilds the table.
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=900)
   assert proc.returncode == 0 and "mesh {" not in proc.stdout   # no run started
   assert json.loads((tmp_path / "ablation.json").read_text()) == out
 
 
 def test_ablate_rejects_an_unknown_row(tmp_path):
   proc = subprocess.run(ABLATE + [f"--workdir={tmp_path}", "--rows=itc,nope"],
-                        capture_output=True, text=True, env=_env(), timeout=120)
+                        capture_output=True, text=True, env=subprocess_env(), timeout=120)
   assert proc.returncode != 0 and "unknown row(s) nope" in proc.stderr

@@ -11,23 +11,16 @@ import numpy as np
 import clusjax
 from clusjax import workdir as wd
 from clusjax.data.shapes import make_split
-from tests.conftest import ROOT, micro_flags
+from tests.conftest import ROOT, micro_flags, subprocess_env
 
 MAIN = [sys.executable, os.path.join(ROOT, "launch", "main.py"),
         "--config=" + os.path.join(ROOT, "configs", "clus_base.py:tiny")]
 
 
-def _env():
-  # One CPU device: the way a user runs it on a laptop.
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  return env
-
-
 def test_train_eval_and_load_pretrained(shapes_data_dir, tmp_path):
   workdir = tmp_path / "run"
   proc = subprocess.run(MAIN + [f"--workdir={workdir}"] + micro_flags(shapes_data_dir),
-                        capture_output=True, text=True, env=_env(), timeout=600)
+                        capture_output=True, text=True, env=subprocess_env(), timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "retrieval/i2t_r1" in proc.stdout
   results = json.loads((workdir / wd.EVAL_RESULTS_FILE).read_text())
@@ -49,7 +42,7 @@ def test_train_eval_and_load_pretrained(shapes_data_dir, tmp_path):
   np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, rtol=1e-5)
   # Eval mode on the saved workdir reproduces the numbers written at the end of training.
   proc = subprocess.run(MAIN + [f"--workdir={workdir}", "--mode=eval"] + micro_flags(shapes_data_dir),
-                        capture_output=True, text=True, env=_env(), timeout=600)
+                        capture_output=True, text=True, env=subprocess_env(), timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   again = json.loads((workdir / wd.EVAL_RESULTS_FILE).read_text())
   for key, value in results.items():
@@ -67,12 +60,12 @@ def test_sigkill_then_rerun_resumes_exactly(shapes_data_dir, tmp_path):
                       train__log_every=10, train__eval_at_end=False)
   full = tmp_path / "full"
   proc = subprocess.run(MAIN + [f"--workdir={full}"] + flags, capture_output=True, text=True,
-                        env=_env(), timeout=600)
+                        env=subprocess_env(), timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
 
   killed = tmp_path / "killed"
   run = subprocess.Popen(MAIN + [f"--workdir={killed}"] + flags, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, env=_env())
+                         stderr=subprocess.DEVNULL, env=subprocess_env())
   first = killed / wd.CHECKPOINT_DIR / "10"
   deadline = time.time() + 300
   while not first.exists() and time.time() < deadline and run.poll() is None:
@@ -84,7 +77,7 @@ def test_sigkill_then_rerun_resumes_exactly(shapes_data_dir, tmp_path):
   assert step_at_kill < 150
 
   proc = subprocess.run(MAIN + [f"--workdir={killed}"] + flags, capture_output=True, text=True,
-                        env=_env(), timeout=600)
+                        env=subprocess_env(), timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   step_full, loss_full = _final_loss(full)
   step_resumed, loss_resumed = _final_loss(killed)

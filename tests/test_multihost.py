@@ -19,17 +19,11 @@ import pytest
 from clusjax import workdir as wd
 from clusjax.parallel import distributed
 from clusjax.train.loop import train
-from tests.conftest import ROOT, micro_config, micro_flags
+from tests.conftest import ROOT, micro_config, micro_flags, subprocess_env
 
 CLUSTER = [sys.executable, os.path.join(ROOT, "launch", "local_cluster.py")]
 CONFIG = "--config=" + os.path.join(ROOT, "configs", "clus_base.py:tiny")
 GRACE_S = 15   # launch/local_cluster.py's margin beyond --peer_timeout
-
-
-def _env():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)   # local_cluster.py sets the devices per process
-  return env
 
 
 def _losses(workdir):
@@ -39,7 +33,7 @@ def _losses(workdir):
 
 def _run_cluster(workdir, flags):
   proc = subprocess.run(CLUSTER + ["2", "--", CONFIG, f"--workdir={workdir}"] + flags,
-                        capture_output=True, text=True, env=_env(), timeout=1200)
+                        capture_output=True, text=True, env=subprocess_env(), timeout=1200)
   assert proc.returncode == 0, proc.stdout[-5000:]
   return proc.stdout
 
@@ -89,7 +83,7 @@ def test_killing_one_process_stops_the_other_within_the_timeout(shapes_data_dir,
                       loss__noun_code_weight=0.0, clustering__enabled=False)
   proc = subprocess.Popen(
       CLUSTER + ["2", f"--peer_timeout={timeout}", "--", CONFIG, f"--workdir={workdir}"] + flags,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
   lines = []
   reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
   reader.start()
@@ -121,12 +115,12 @@ def test_killing_one_process_stops_the_other_within_the_timeout(shapes_data_dir,
 
 def test_launcher_prefixes_output_and_fails_when_a_process_fails():
   proc = subprocess.run(CLUSTER + ["2", "--", "--no_such_flag"], capture_output=True, text=True,
-                        env=_env(), timeout=120)
+                        env=subprocess_env(), timeout=120)
   assert proc.returncode == 1
   for i in (0, 1):
     assert f"[p{i}] error: Unknown command line flag 'no_such_flag'" in proc.stdout
   assert re.search(r"\[local_cluster\] failed: process [01] failed first", proc.stdout)
-  bad = subprocess.run(CLUSTER + ["0"], capture_output=True, text=True, env=_env(), timeout=60)
+  bad = subprocess.run(CLUSTER + ["0"], capture_output=True, text=True, env=subprocess_env(), timeout=60)
   assert bad.returncode == 2 and "N=0 must be >= 1" in bad.stderr
 
 

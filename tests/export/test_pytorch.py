@@ -13,7 +13,7 @@ from clusjax.data.shapes import make_split
 from clusjax.export import export_pytorch
 from clusjax.export.pytorch import _heads
 from clusjax.models.clus import preprocess_images
-from tests.conftest import ROOT, micro_flags
+from tests.conftest import ROOT, micro_flags, subprocess_env
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -151,7 +151,7 @@ def test_launch_export_mode(shapes_data_dir, trained_workdir, exported, tmp_path
   main = [sys.executable, os.path.join(ROOT, "launch", "main.py"),
           "--config=" + os.path.join(ROOT, "configs", "clus_base.py:tiny"), "--mode=export",
           f"--workdir={trained_workdir}"] + micro_flags(shapes_data_dir)
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = subprocess_env()
   proc = subprocess.run(main, capture_output=True, text=True, env=env, timeout=300)
   assert proc.returncode == 2 and "pass --overwrite" in proc.stderr, proc.stderr[-2000:]
   stale = os.path.join(exported, "stale.txt")   # must go: the export is replaced, not merged
