@@ -34,8 +34,8 @@ def _host_key():
 
 jax.config.update(
     "jax_compilation_cache_dir",
-    os.environ.get("CLUSJAX_TEST_CACHE",
-                   os.path.join(os.path.expanduser("~/.cache/clusjax/jax_test_cache"), _host_key())))
+    os.environ.get("CLUSJAX_TEST_CACHE", os.path.join(
+        os.path.expanduser("~/.cache/clusjax/jax_test_cache"), _host_key())))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 import numpy as np  # noqa: E402
@@ -76,7 +76,8 @@ for _tower in ("vision", "text"):
 def subprocess_env(**extra):
   """The environment for a command run as a user runs it: one CPU device (the
   device-count flag dropped, the other test XLA flags kept), plus `extra`."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith(DEVICE_COUNT_FLAG)]
   return dict(os.environ, XLA_FLAGS=" ".join(flags), **extra)
 
 

@@ -11,14 +11,13 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, micro_flags
+from tests.conftest import ROOT, micro_flags, subprocess_env
 
 pytest.importorskip("libtpu", reason="libtpu is not installed: `pip install -e .[tpu]`")
 
 
 def _compile(tmp_path, *flags):
-  env = dict(os.environ, TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-  env.pop("XLA_FLAGS", None)
+  env = subprocess_env(TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
   cmd = [sys.executable, os.path.join(ROOT, "launch", "compile.py"),
          "--config=" + os.path.join(ROOT, "configs", "clus_base.py") + ":tiny",
          "--topology=v5e:2x2", *micro_flags(tmp_path), *flags]

@@ -120,7 +120,8 @@ def test_launcher_prefixes_output_and_fails_when_a_process_fails():
   for i in (0, 1):
     assert f"[p{i}] error: Unknown command line flag 'no_such_flag'" in proc.stdout
   assert re.search(r"\[local_cluster\] failed: process [01] failed first", proc.stdout)
-  bad = subprocess.run(CLUSTER + ["0"], capture_output=True, text=True, env=subprocess_env(), timeout=60)
+  bad = subprocess.run(CLUSTER + ["0"], capture_output=True, text=True, env=subprocess_env(),
+                       timeout=60)
   assert bad.returncode == 2 and "N=0 must be >= 1" in bad.stderr
 
 
