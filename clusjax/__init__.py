@@ -12,4 +12,10 @@ def load_pretrained(workdir, step=None):
   return _load(workdir, step=step)
 
 
-__all__ = ["load_pretrained"]
+def load_finetuned(workdir, step=None):
+  """A fine-tuned model (VQA `answer`, NLVR2 `verify`, retrieval); see clusjax/api.py."""
+  from clusjax.api import load_finetuned as _load
+  return _load(workdir, step=step)
+
+
+__all__ = ["load_finetuned", "load_pretrained"]

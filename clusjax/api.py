@@ -5,6 +5,12 @@
     txt = model.encode_text(["a small red circle on the left."])
     sim = img @ txt.T                       # cosine similarities
     p = model.itm_score(images, texts)      # match probability of (images[i], texts[i])
+
+`clusjax.load_finetuned(workdir)`: a fine-tuned model (configs/vqa.py, nlvr2.py,
+retrieval.py) with the same interface plus its task's:
+
+    model.answer(images, ["what colour is the circle?", ...])   # VQA -> list[str]
+    model.verify(left_images, right_images, statements)         # NLVR2 -> float32 [B], P(true)
 """
 import functools
 
@@ -13,6 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from clusjax.data import Tokenizer
+from clusjax.data.tasks import answer_vocab
 from clusjax.losses import clip_temperature
 from clusjax.models.clus import ClusModel
 from clusjax.parallel.mesh import create_mesh
@@ -37,7 +44,7 @@ class Pretrained:
   """
 
   def __init__(self, model: ClusModel, params, tokenizer: Tokenizer, config, active,
-               batch_size=None):
+               batch_size=None, answers=None):
     self.model = model
     self.params = params
     self.active = np.asarray(active, bool)   # [K_max]: the prototypes that are clusters
@@ -47,6 +54,8 @@ class Pretrained:
     self._image_fn = jax.jit(functools.partial(model.apply, method=ClusModel.encode_image))
     self._text_fn = jax.jit(functools.partial(model.apply, method=ClusModel.encode_text))
     self._itm_fn = jax.jit(functools.partial(model.apply, method=ClusModel.itm_logits))
+    self._classify_fn = jax.jit(functools.partial(model.apply, method=ClusModel.classify))
+    self.answers = answers   # VQA: the AnswerVocab (the head's classes), else None
 
   @property
   def logit_scale(self):
@@ -70,18 +79,70 @@ class Pretrained:
       out.append(jax.tree.map(lambda x: _to_numpy(x)[:real], result))
     return jax.tree.map(lambda *xs: np.concatenate(xs), *out)
 
-  def _check_images(self, images):
+  def _check_images(self, images, name="images"):
     images = np.asarray(images)
     size = self.config.data.image_size
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
       raise ValueError(
-          f"expected images uint8 [B, {size}, {size}, 3], got {images.dtype} {images.shape}.")
+          f"expected {name} uint8 [B, {size}, {size}, 3], got {images.dtype} {images.shape}.")
     return images
 
-  def _tokenize(self, texts):
+  def _tokenize(self, texts, name="texts"):
     if isinstance(texts, str):
-      raise TypeError("expected a list of strings, got one string.")
+      raise TypeError(f"expected {name} as a list of strings, got one string.")
     return self.tokenizer.encode(list(texts), self.config.data.max_text_len)
+
+  def _check_texts(self, texts, name, n):
+    """texts: n non-empty strings (a one-line error naming `name` otherwise)."""
+    if isinstance(texts, str) or not hasattr(texts, "__len__"):
+      raise TypeError(f"expected {name} as a list of {n} strings, got {type(texts).__name__}.")
+    if len(texts) != n:
+      raise ValueError(f"{name} has {len(texts)} entries for {n} images.")
+    for i, t in enumerate(texts):
+      if not isinstance(t, str) or not t.strip():
+        raise ValueError(f"{name}[{i}]={t!r} must be a non-empty string.")
+    return list(texts)
+
+  def _require_task(self, task, method):
+    have = self.config.get("task", "pretrain")
+    if have != task:
+      raise ValueError(f"{method}() needs a model fine-tuned for {task} (configs/{task}.py); "
+                       f"this one's config.task is {have!r}.")
+
+  def task_logits(self, images, texts, images2=None):
+    """The task head's logits float32 [B, C] for (images[i], texts[i]) (NLVR2: with
+    images2[i], the right image); texts are questions (VQA) or statements (NLVR2)."""
+    images = self._check_images(images)
+    texts = self._check_texts(texts, "texts", len(images))
+    arrays = [images, *self._tokenize(texts)]
+    if images2 is not None:
+      images2 = self._check_images(images2, "images2")
+      if len(images2) != len(images):
+        raise ValueError(f"images2 has {len(images2)} images for {len(images)} images.")
+      arrays.append(images2)
+    if not len(images):
+      return np.zeros((0, self.model.num_classes), np.float32)
+    return self._chunked(self._classify_fn, arrays)
+
+  def answer(self, images, questions):
+    """VQA: uint8 [B, H, W, 3] images and B questions -> B answers (list[str])."""
+    self._require_task("vqa", "answer")
+    images = self._check_images(images)
+    questions = self._check_texts(questions, "questions", len(images))
+    logits = self.task_logits(images, questions)[:, :len(self.answers)]
+    return [self.answers.answers[i] for i in np.argmax(logits, axis=-1)]
+
+  def verify(self, left_images, right_images, statements):
+    """NLVR2: the probability that statements[i] is true of (left_images[i],
+    right_images[i]) -> float32 [B]."""
+    self._require_task("nlvr2", "verify")
+    left = self._check_images(left_images, "left_images")
+    right = self._check_images(right_images, "right_images")
+    if len(left) != len(right):
+      raise ValueError(f"right_images has {len(right)} images for {len(left)} left_images.")
+    statements = self._check_texts(statements, "statements", len(left))
+    logits = self.task_logits(left, statements, right)
+    return np.asarray(jax.nn.softmax(logits, axis=-1)[:, 1], np.float32)
 
   def image_outputs(self, images):
     """uint8 [B, H, W, 3] -> (tokens float32 [B, 1+N, Wv], features float32 [B, E])."""
@@ -134,4 +195,17 @@ def load_pretrained(workdir, step=None, mesh=None):
   if mesh is None:
     mesh = create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   model, params, active, config, tokenizer = restore_model(workdir, mesh, step=step)
-  return Pretrained(model, params, tokenizer, config, active)
+  answers = answer_vocab(config, workdir) if config.get("task") == "vqa" else None
+  return Pretrained(model, params, tokenizer, config, active, answers=answers)
+
+
+def load_finetuned(workdir, step=None, mesh=None):
+  """`load_pretrained` of a fine-tuning workdir (config.task retrieval, vqa or nlvr2):
+  `answer` (VQA), `verify` (NLVR2) and the retrieval interface."""
+  from clusjax import workdir as wd
+  task = wd.load_config(workdir).get("task", "pretrain")
+  if task == "pretrain":
+    raise ValueError(f"{workdir!r} is a pre-training workdir (config.task='pretrain'): load it "
+                     "with clusjax.load_pretrained, or fine-tune it with configs/<task>.py "
+                     f"--config.init_from={workdir}.")
+  return load_pretrained(workdir, step=step, mesh=mesh)

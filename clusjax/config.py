@@ -13,14 +13,29 @@ import re
 from clusjax import workdir as wd
 
 MESH_AXES = ("data", "fsdp", "tensor")
-DATA_SOURCES = ("shapes", "tfds", "jsonl")
+DATA_SOURCES = ("shapes", "tfds", "jsonl", "easy_vqa")
+# config.task: what a run trains (DESIGN §9). Pre-training and retrieval read
+# image-caption records; vqa and nlvr2 train a head on the fused CLS.
+TASKS = ("pretrain", "retrieval", "vqa", "nlvr2")
+HEAD_TASKS = ("vqa", "nlvr2")
+# The data sources each task reads (config.data.name).
+TASK_SOURCES = {"pretrain": ("shapes", "tfds", "jsonl"), "retrieval": ("shapes", "tfds", "jsonl"),
+                "vqa": ("shapes", "jsonl", "easy_vqa"), "nlvr2": ("shapes", "jsonl")}
+# config.finetune.loss: the head's objective (clusjax/losses/finetune.py).
+FINETUNE_LOSSES = ("ce", "supcon", "clce")
+EASY_VQA_SPLITS = ("train", "test")
+# clusjax.data.shapes.NUM_TEMPLATES (kept here: no TFDS import; a test checks they agree).
+SHAPES_CAPTION_TEMPLATES = 7
 DTYPES = ("float32", "bfloat16")
 # config.remat: activation checkpointing of the transformer blocks: none, full (keep only
 # each block's input) or a jax.checkpoint_policies policy (kept here: no jax import).
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "nothing_saveable", "everything_saveable", "checkpoint_dots",
                   "checkpoint_dots_with_no_batch_dims")
-EVALUATORS = ("retrieval", "zeroshot")
+EVALUATORS = ("retrieval", "zeroshot", "vqa", "nlvr2")
+# The evaluators each task can run.
+TASK_EVALUATORS = {"pretrain": ("retrieval", "zeroshot"), "retrieval": ("retrieval", "zeroshot"),
+                   "vqa": ("vqa",), "nlvr2": ("nlvr2",)}
 FUSIONS = ("co_attention", "self_attention")
 # clusjax.kernels.dilated_attention's implementations (kept here: no jax import).
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "pallas")
@@ -245,11 +260,84 @@ def _validate_distill(config):
                         "reads the student's batches, so they must be equal.")
 
 
+def task_of(config):
+  """config.task ("pretrain" for a workdir from before the key)."""
+  return config.get("task", "pretrain")
+
+
+def _validate_task(config):
+  """config.task, its data source, loss and config.finetune (a task config's section)."""
+  task = _choice(config, "task", TASKS)
+  name = config.data.name
+  if name not in TASK_SOURCES[task]:
+    raise ConfigError(f"config.data.name={name!r} has no records for config.task={task!r}; "
+                      f"use one of {', '.join(TASK_SOURCES[task])}.")
+  weight = _number(config, "loss.task_weight", 0.0)
+  if task not in HEAD_TASKS:
+    if weight:
+      raise ConfigError(f"config.loss.task_weight={weight} trains a downstream head, but "
+                        f"config.task={task!r} has none (vqa and nlvr2 do).")
+    return
+  if not weight:
+    raise ConfigError(f"config.task={task!r} trains its head with config.loss.task_weight, "
+                      "which is 0.")
+  if config.get("finetune") is None:
+    raise ConfigError(f"config.task={task!r} needs a config.finetune section; start from "
+                      f"configs/{task}.py.")
+  _choice(config, "finetune.loss", FINETUNE_LOSSES)
+  _positive_int(config, "finetune.head_hidden", allow_zero=True)
+  _number(config, "finetune.supcon_temperature", 0.0, low_open=True)
+  _number(config, "finetune.clce_lam", 0.0, 1.0)
+  _number(config, "finetune.clce_temperature", 0.0, low_open=True)
+  if task == "vqa":
+    _positive_int(config, "finetune.num_answers")
+    _positive_int(config, "data.questions_per_image")
+
+
+# The config keys that fix the shapes of what `config.init_from` hands over:
+# a workdir that differs in one cannot start this run (image size may differ:
+# the ViT position embeddings are resampled).
+INIT_FROM_KEYS = tuple(f"model.{t}.{k}" for t in ("vision", "text")
+                       for k in ("width", "depth", "num_heads", "mlp_dim")) + (
+    "model.vision.patch_size", "model.embed_dim", "model.fusion", "model.fusion_depth",
+    "data.max_text_len")
+
+
+def _lookup_key(config, key):
+  node = config
+  for part in key.split("."):
+    if part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def check_init_from(config):
+  """Raises ConfigError naming the first INIT_FROM_KEYS entry where config.init_from's
+  workdir differs from `config` (or naming init_from when it is not a workdir)."""
+  source = config.get("init_from", "")
+  if not source:
+    return
+  if not os.path.isfile(wd.path(source, wd.CONFIG_FILE)):
+    raise ConfigError(f"config.init_from={source!r} is not a trained clusjax workdir "
+                      "(no config.json in it).")
+  if not os.path.isdir(wd.path(source, wd.CHECKPOINT_DIR)):
+    raise ConfigError(f"config.init_from={source!r} has no checkpoints to start from.")
+  theirs = wd.load_config(source)
+  for key in INIT_FROM_KEYS:
+    mine, other = _lookup_key(config, key), _lookup_key(theirs, key)
+    if mine != other:
+      raise ConfigError(f"config.{key}={mine!r} but config.init_from={source!r} was trained "
+                        f"with {key}={other!r}: its weights do not fit; set config.{key}="
+                        f"{other!r} or start from another workdir.")
+
+
 SAMPLERS = ("random", "clustered")
 # The config.loss keys a stage may set: weights only (a term whose weight is 0
 # is not computed), so every stage trains the same parameters.
 STAGE_LOSS_KEYS = ("itc_weight", "itm_weight", "mlm_weight", "swap_weight", "prompt_weight",
-                   "noun_code_weight", "unimodal.image_weight", "unimodal.text_weight")
+                   "noun_code_weight", "unimodal.image_weight", "unimodal.text_weight",
+                   "task_weight")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,10 +445,12 @@ def validate(config, num_devices=None):
   """
   _positive_int(config, "seed", allow_zero=True)
   _choice(config, "dtype", DTYPES)
+  _check_type(config, "init_from", (str,), 'a clusjax workdir or ""')
   _choice(config, "remat", REMAT_POLICIES)
 
   # Data.
   _choice(config, "data.name", DATA_SOURCES)
+  _validate_task(config)
   image_size = _positive_int(config, "data.image_size")
   if image_size < 16:
     raise ConfigError(f"config.data.image_size={image_size} must be >= 16.")
@@ -379,6 +469,16 @@ def validate(config, num_devices=None):
     raise ConfigError("config.data.tfds_name is empty but config.data.name='tfds'.")
   elif config.data.name == "jsonl" and not config.data.jsonl.train:
     raise ConfigError("config.data.jsonl.train is empty but config.data.name='jsonl'.")
+  elif config.data.name == "easy_vqa":
+    for key in ("train_split", "eval_split"):
+      if config.data[key] not in EASY_VQA_SPLITS:
+        raise ConfigError(f"config.data.{key}={config.data[key]!r}: easy-VQA has the splits "
+                          f"{', '.join(EASY_VQA_SPLITS)}.")
+  per_image = _positive_int(config, "data.captions_per_image")
+  if config.data.name == "shapes" and per_image > SHAPES_CAPTION_TEMPLATES:
+    raise ConfigError(f"config.data.captions_per_image={per_image}: the built-in shapes have "
+                      f"{SHAPES_CAPTION_TEMPLATES} caption templates (one per caption).")
+  _check_type(config, "data.all_captions", (bool,), "True or False")
 
   # Model.
   for tower in ("vision", "text"):
@@ -482,6 +582,10 @@ def validate(config, num_devices=None):
   for name in evaluators:
     if name not in EVALUATORS:
       raise ConfigError(f"config.eval.evaluators has {name!r}; known: {', '.join(EVALUATORS)}.")
+    if name not in TASK_EVALUATORS[task_of(config)]:
+      raise ConfigError(f"config.eval.evaluators has {name!r}, which does not evaluate "
+                        f"config.task={task_of(config)!r}; use "
+                        f"{', '.join(TASK_EVALUATORS[task_of(config)])}.")
   if "zeroshot" in evaluators and config.data.name != "shapes":
     raise ConfigError(
         "config.eval.evaluators has 'zeroshot', which needs class labels: only "

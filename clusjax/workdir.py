@@ -7,6 +7,7 @@
     <workdir>/metrics.jsonl      one line per logged step
     <workdir>/tensorboard/       TensorBoard event files
     <workdir>/eval_results.json  the evaluators' figures
+    <workdir>/answers.json       VQA: the answer vocabulary (the head's classes, in order)
 """
 import json
 import os
@@ -22,6 +23,7 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 EVAL_RESULTS_FILE = "eval_results.json"
+ANSWERS_FILE = "answers.json"
 
 
 def path(workdir, name):

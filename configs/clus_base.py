@@ -16,6 +16,14 @@ def get_config(arg=None):
     raise ValueError(f"configs/clus_base.py:{arg}: unknown variant; use ':tiny' or nothing (Base).")
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # What the run trains: pretrain (the Clus objective) | retrieval (ITC + ITM on a
+  # target set) | vqa (answer classifier) | nlvr2 (two images, one statement).
+  # The downstream tasks have their own configs (configs/retrieval.py, vqa.py, nlvr2.py).
+  c.task = "pretrain"
+  # A trained clusjax workdir whose towers, fusion, heads and tokenizer start this
+  # run (never its optimizer state); "" = random init. A run that has its own
+  # checkpoint resumes from it instead.
+  c.init_from = ""
   # Activations and matmuls; parameters and optimizer state stay float32.
   c.dtype = "float32"
   # Activation checkpointing of every transformer block (ViT, text, fusion, LongNet):
@@ -65,9 +73,15 @@ def get_config(arg=None):
   c.data.shapes_num_train = 100_000
   c.data.shapes_num_val = 1_000
   c.data.shapes_num_test = 1_000
+  # Built-in shapes: differently worded captions per image (records = images x this;
+  # retrieval then follows the COCO / Flickr protocol, several captions per image).
+  c.data.captions_per_image = 1
   c.data.tfds_name = ""           # e.g. coco_captions, when name=tfds
   c.data.image_key = "image"
   c.data.caption_key = "caption"
+  # TFDS: every caption of a record (coco_captions: captions/text) as its own record
+  # with the record's image id (retrieval then follows the COCO protocol); False: the first.
+  c.data.all_captions = False
   c.data.jsonl = ml_collections.ConfigDict(dict(train="", val="", test=""))
   c.data.train_split = "train"
   c.data.eval_split = "test"
@@ -157,6 +171,8 @@ def get_config(arg=None):
   c.loss.mlm_weight = 1.0
   c.loss.swap_weight = 1.0
   c.loss.swap_prediction = True   # L_z on/off (Table 5 ablation)
+  # The downstream head's loss (config.task vqa / nlvr2; config.finetune says which).
+  c.loss.task_weight = 0.0
   # Prompt-template labels (paper Fig. 4b), settings in config.prompt_labels; 0 = off.
   c.loss.prompt_weight = 1.0
   # The same labels against a fixed random code per noun (clusjax.losses.noun_codes):

@@ -4,6 +4,8 @@
     python launch/main.py --config=configs/clus_base.py:tiny --workdir=workdirs/tiny --mode=eval
     python launch/main.py --config=configs/clus_base.py:tiny --workdir=workdirs/tiny --mode=export
     python launch/main.py --config=configs/clus_base.py --config.train.batch_size=512 --workdir=...
+    python launch/main.py --config=configs/vqa.py:tiny --config.init_from=workdirs/tiny \
+        --workdir=workdirs/vqa_tiny         # fine-tune: configs/retrieval.py, vqa.py, nlvr2.py
 
 Any config key can be overridden with --config.a.b=value. Bad flags and
 impossible values fail before jax compiles anything, naming the key.
@@ -51,11 +53,16 @@ _PEER_TIMEOUT = flags.DEFINE_integer(
 def main(argv):
   parse_flags(argv, {"config": "configs/clus_base.py:tiny", "workdir": "workdirs/tiny"})
   config, workdir = _CONFIG.value, _WORKDIR.value
-  from clusjax.config import ConfigError, validate
+  from clusjax.config import ConfigError, check_init_from, validate
   try:
     validate(config)  # no jax needed: types and values, in milliseconds
   except ConfigError as e:
     fail(str(e))
+  if _MODE.value == "train":
+    try:
+      check_init_from(config)   # the workdir it starts from fits the towers (reads its config)
+    except ConfigError as e:
+      fail(str(e), code=1)
 
   # Orbax and TFDS log every save and read at INFO; keep the console for
   # the progress bar and the run's own messages.
@@ -88,6 +95,7 @@ def main(argv):
   except ConfigError as e:
     fail(str(e))
   from clusjax.api import Pretrained, load_pretrained
+  from clusjax.data.tasks import answer_vocab
   from clusjax.eval import evaluate
   from clusjax.parallel.mesh import create_mesh
 
@@ -103,7 +111,9 @@ def main(argv):
             flush=True)
     if not config.train.eval_at_end:
       return
-    pretrained = Pretrained(model, state.params, tokenizer, config, state.active)
+    answers = answer_vocab(config, workdir) if config.task == "vqa" else None
+    pretrained = Pretrained(model, state.params, tokenizer, config, state.active,
+                            answers=answers)
   else:
     pretrained = load_pretrained(workdir, mesh=create_mesh(config.mesh))
   if is_main:

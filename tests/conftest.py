@@ -116,3 +116,26 @@ class CaptionSource:
 def shapes_data_dir(tmp_path_factory):
   """One TFDS data dir for the whole session (the set is built once)."""
   return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(shapes_data_dir, tmp_path_factory):
+  """Two training steps of the micro config, shared by the tests that need a trained
+  workdir (export, fine-tuning's init_from): enough for an exactness test."""
+  from clusjax.train.loop import train
+  workdir = tmp_path_factory.mktemp("trained_run")
+  config = micro_config(shapes_data_dir, train__num_steps=2, train__checkpoint_every=2)
+  train(config, str(workdir))
+  return workdir
+
+
+def task_micro_config(task, data_dir, **overrides):
+  """configs/<task>.py:tiny shrunk like MICRO (same towers, so a MICRO workdir is its
+  init_from), plus `overrides` ('__' for '.')."""
+  import importlib
+  c = importlib.import_module(f"configs.{task}").get_config("tiny")
+  c.data.data_dir = str(data_dir)
+  items = dict(MICRO, **{k.replace("__", "."): v for k, v in overrides.items()})
+  for key, value in items.items():
+    set_key(c, key, value)
+  return c

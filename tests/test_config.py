@@ -130,3 +130,84 @@ def test_dcn_mesh_puts_each_slice_in_its_own_block():
     device_grid({"data": 2, "fsdp": 2, "tensor": 1, "dcn": {"fsdp": 3}}, devices[:4])
   with pytest.raises(ConfigError, match="config.mesh.dcn.pipeline is not a mesh axis"):
     device_grid({"data": -1, "fsdp": 1, "tensor": 1, "dcn": {"pipeline": 2}}, devices)
+
+
+# --- downstream configs (configs/retrieval.py, vqa.py, nlvr2.py) ---
+
+def _task(name, arg=None):
+  import importlib
+  return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+@pytest.mark.parametrize("name", ["retrieval", "vqa", "nlvr2"])
+def test_task_configs_validate_and_keep_the_pretraining_towers(name):
+  for arg in (None, "tiny"):
+    c = _task(name, arg)
+    validate(c, num_devices=8)
+    base = clus_base.get_config(arg)
+    assert c.model.to_dict() == base.model.to_dict()   # init_from a workdir of the same variant
+    assert c.task == name and not c.clustering.enabled and c.loss.mlm_weight == 0
+  with pytest.raises(ValueError, match="nonexistent"):
+    _task(name, "nonexistent")
+
+
+def test_task_configs_follow_paper_table_1():
+  vqa, nlvr2, retrieval = _task("vqa"), _task("nlvr2"), _task("retrieval")
+  assert (vqa.optim.learning_rate, vqa.train.batch_size, vqa.data.image_size) == (2e-5, 256, 256)
+  assert (nlvr2.optim.learning_rate, nlvr2.optim.weight_decay, nlvr2.data.image_size) == (
+      3.5e-5, 0.05, 384)
+  assert (retrieval.optim.learning_rate, retrieval.train.batch_size,
+          retrieval.data.image_size) == (3.5e-5, 1024, 384)
+  assert vqa.optim.b2 == nlvr2.optim.b2 == 0.995
+
+
+@pytest.mark.parametrize("name,key,value,message", [
+    ("vqa", "finetune.loss", "focal", "config.finetune.loss='focal' must be one of ce, supcon"),
+    ("vqa", "loss.task_weight", 0.0, "config.task='vqa' trains its head with"),
+    ("vqa", "eval.evaluators", ("retrieval",), "'retrieval', which does not evaluate"),
+    ("vqa", "data.name", "tfds", "config.data.name='tfds' has no records for config.task='vqa'"),
+    ("retrieval", "data.name", "easy_vqa", "config.data.name='easy_vqa' has no records"),
+    ("retrieval", "loss.task_weight", 1.0, "config.task='retrieval' has none"),
+    ("retrieval", "data.captions_per_image", 8, "config.data.captions_per_image=8"),
+    ("vqa", "finetune.clce_lam", 1.5, "config.finetune.clce_lam=1.5 must be <= 1.0"),
+    ("vqa", "finetune.supcon_temperature", 0.0, "config.finetune.supcon_temperature=0.0"),
+    ("nlvr2", "task", "captioning", "config.task='captioning' must be one of"),
+])
+def test_bad_task_values_name_the_key(name, key, value, message):
+  c = _task(name, "tiny")
+  set_key(c, key, value)
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    validate(c)
+
+
+def test_easy_vqa_splits_are_checked():
+  c = _task("vqa", "tiny")
+  c.data.name = "easy_vqa"
+  validate(c)
+  c.data.eval_split = "val"
+  with pytest.raises(ConfigError, match=re.escape("config.data.eval_split='val': easy-VQA")):
+    validate(c)
+
+
+def test_shapes_caption_templates_agree():
+  from clusjax.config import SHAPES_CAPTION_TEMPLATES
+  from clusjax.data.shapes import NUM_TEMPLATES
+  assert SHAPES_CAPTION_TEMPLATES == NUM_TEMPLATES
+
+
+def test_check_init_from_names_the_differing_key(tmp_path):
+  from clusjax import workdir as wd
+  from clusjax.config import check_init_from
+  pre = clus_base.get_config("tiny")
+  (tmp_path / wd.CHECKPOINT_DIR).mkdir()
+  wd.save_config(pre, str(tmp_path))
+  c = _task("vqa", "tiny")
+  c.init_from = str(tmp_path)
+  c.data.image_size = 96   # resampled, not refused
+  check_init_from(c)
+  c.model.text.depth = 2
+  with pytest.raises(ConfigError, match=re.escape("config.model.text.depth=2 but config.init_from")):
+    check_init_from(c)
+  c.init_from = str(tmp_path / "nothing")
+  with pytest.raises(ConfigError, match="not a trained clusjax workdir"):
+    check_init_from(c)

@@ -65,17 +65,21 @@ def _decode_image(image, image_size):
 
 
 def _decode(record, image_size, tokenizer, max_text_len):
-  """record -> ({image, text_ids, text_mask}, None) or (None, reason)."""
+  """record -> ({image, text_ids, text_mask[, image2]}, None) or (None, reason).
+
+  A record with "image2" (NLVR2's right image) has both images decoded.
+  """
   caption = record.get("caption")
   if not isinstance(caption, str) or not caption.strip():
     return None, f"empty caption {caption!r}"
-  image, reason = _decode_image(record.get("image"), image_size)
-  if image is None:
-    if "image_path" in record:
-      reason += f" ({record['image_path']})"
-    return None, reason
-  ids, mask = tokenizer.encode_one(caption, max_text_len)
-  return {"image": image, "text_ids": ids, "text_mask": mask}, None
+  out = {}
+  for key in ("image", "image2") if "image2" in record else ("image",):
+    out[key], reason = _decode_image(record.get(key), image_size)
+    if out[key] is None:
+      path = record.get(f"{key}_path")
+      return None, reason + (f" ({path})" if path else "")
+  out["text_ids"], out["text_mask"] = tokenizer.encode_one(caption, max_text_len)
+  return out, None
 
 
 def decode_record(record, *, image_size, tokenizer, max_text_len):
@@ -132,10 +136,11 @@ class _DecodeIndex:
   """
 
   def __init__(self, source, image_size, tokenizer, max_text_len, keep_caption=False,
-               negative_groups=(), seed=0, prompt_labeler=None, tagger=None):
+               negative_groups=(), seed=0, prompt_labeler=None, tagger=None, targets=None):
     self.source, self.image_size = source, image_size
     self.tokenizer, self.max_text_len = tokenizer, max_text_len
     self.keep_caption = keep_caption
+    self.targets = targets
     self.negative_groups, self.seed = negative_groups, seed
     self.prompt_labeler, self.tagger = prompt_labeler, tagger
 
@@ -148,8 +153,10 @@ class _DecodeIndex:
       example, reason = None, f"reading failed ({type(e).__name__}: {e})"
     if example is None:
       return {"bad_index": index, "bad_reason": reason}
-    if self.keep_caption:
-      example["caption"] = record["caption"]
+    if self.keep_caption:   # eval: the text and what the evaluators group by
+      example.update({k: record[k] for k in ("caption",) + EVAL_KEYS if k in record})
+    if self.targets is not None:   # a downstream task's labels (clusjax.data.tasks)
+      example.update(self.targets(record))
     if self.negative_groups:
       # None: nothing to swap (an all-padding row, masked out of the loss).
       negative = negative_caption(record["caption"], self.negative_groups, self.seed, index)
@@ -176,6 +183,10 @@ class _DecodeIndex:
     return dict(label_ids=np.stack([r[0] for r in rows]),
                 label_mask=np.stack([r[1] for r in rows]),
                 label_noun=label_noun, caption_nouns=caption_nouns)
+
+
+# Record keys that `iterate_eval` passes through to the evaluators.
+EVAL_KEYS = ("image_id", "question_type", "statement_type", "answers")
 
 
 class _DropBad:
@@ -207,7 +218,7 @@ class _DropBad:
 
 def make_train_iterator(source, *, global_batch_size, seed, image_size, tokenizer, max_text_len,
                         process_index=0, process_count=1, num_workers=0, negative_groups=(),
-                        prompt_labeler=None, tagger=None):
+                        prompt_labeler=None, tagger=None, targets=None):
   """Infinite, shuffled, per-process batches of `source`.
 
   One shuffled stream of all records, the same in every process; global
@@ -227,6 +238,8 @@ def make_train_iterator(source, *, global_batch_size, seed, image_size, tokenize
     labeler.max_text_len], "label_noun" int32 [b, k] (0 = no label) and
     "caption_nouns" int32 [b, max_nouns]. With `tagger` (caption -> text,
     `clusjax.data.prompts.caption_tags`) also "tag_ids" / "tag_mask" [b, L].
+    With `targets` (record -> dict of arrays, `clusjax.data.tasks`) also those,
+    batched; records with "image2" (NLVR2) also "image2" [b, S, S, 3].
   """
   if global_batch_size % process_count:
     raise ValueError(f"global batch size {global_batch_size} is not divisible by the number of "
@@ -246,7 +259,8 @@ def make_train_iterator(source, *, global_batch_size, seed, image_size, tokenize
       source, _StreamBatches(stream, global_batch_size), global_batch_size=global_batch_size,
       seed=seed, image_size=image_size, tokenizer=tokenizer, max_text_len=max_text_len,
       process_index=process_index, process_count=process_count, num_workers=num_workers,
-      negative_groups=negative_groups, prompt_labeler=prompt_labeler, tagger=tagger)
+      negative_groups=negative_groups, prompt_labeler=prompt_labeler, tagger=tagger,
+      targets=targets)
 
 
 class _StreamBatches:
@@ -262,7 +276,7 @@ class _StreamBatches:
 
 def make_sampled_iterator(source, sampler, *, global_batch_size, seed, image_size, tokenizer,
                           max_text_len, process_index=0, process_count=1, num_workers=0,
-                          negative_groups=(), prompt_labeler=None, tagger=None):
+                          negative_groups=(), prompt_labeler=None, tagger=None, targets=None):
   """Batches whose records a sampler picks (`clusjax.data.sampler`).
 
   `sampler(step)` gives global batch `step` (record indices, the same on
@@ -279,7 +293,7 @@ def make_sampled_iterator(source, sampler, *, global_batch_size, seed, image_siz
       SampledIndex(sampler, local_batch, process_index))
   decode = _DecodeIndex(source, image_size, tokenizer, max_text_len,
                         negative_groups=negative_groups, seed=seed,
-                        prompt_labeler=prompt_labeler, tagger=tagger)
+                        prompt_labeler=prompt_labeler, tagger=tagger, targets=targets)
   return _decoded_batches(ds, decode, local_batch, num_workers, bad_limit=len(source))
 
 
@@ -304,20 +318,31 @@ def _decoded_batches(indices, decode, local_batch, num_workers, *, bad_limit):
 
 
 def _pad_batch(examples, batch_size, image_size, max_text_len, pad_id):
-  """list of decoded examples (<= batch_size) -> one padded batch with `valid` [b]."""
+  """list of decoded examples (<= batch_size) -> one padded batch with `valid` [b].
+
+  Array keys are stacked and padded with zeros (text with `pad_id`); the other
+  keys (caption, EVAL_KEYS) become lists padded with "" / None.
+  """
   n = len(examples)
   batch = {"image": np.zeros((batch_size, image_size, image_size, 3), np.uint8),
            "text_ids": np.full((batch_size, max_text_len), pad_id, np.int32),
            "text_mask": np.zeros((batch_size, max_text_len), bool),
-           "valid": np.arange(batch_size) < n,
-           "caption": [e["caption"] for e in examples] + [""] * (batch_size - n)}
-  for key in ("image", "text_ids", "text_mask"):
-    if n:
-      batch[key][:n] = np.stack([e[key] for e in examples])
+           "valid": np.arange(batch_size) < n}
+  for key in examples[0] if n else ():
+    values = [e[key] for e in examples]
+    if isinstance(values[0], (np.ndarray, np.generic, int, float)):   # bool is an int
+      stacked = np.stack([np.asarray(v) for v in values])
+      if key not in batch:
+        batch[key] = np.zeros((batch_size,) + stacked.shape[1:], stacked.dtype)
+      batch[key][:n] = stacked
+    else:
+      batch[key] = values + [("" if key == "caption" else None)] * (batch_size - n)
+  batch.setdefault("caption", [""] * batch_size)
   return batch
 
 
-def iterate_eval(source, *, batch_size, image_size, tokenizer, max_text_len, num_examples=None):
+def iterate_eval(source, *, batch_size, image_size, tokenizer, max_text_len, num_examples=None,
+                 targets=None):
   """Batches of the first `num_examples` records (all if None), in order.
 
   Bad records are skipped (and counted), so a batch holds the next good
@@ -327,12 +352,15 @@ def iterate_eval(source, *, batch_size, image_size, tokenizer, max_text_len, num
     {"image": uint8 [b, S, S, 3], "text_ids": int32 [b, L], "text_mask":
     bool [b, L], "valid": bool [b] (False on padding), "caption": list[str]
     (b, "" on padding)}, b = batch_size; only the last batch has padding.
+    Also the records' EVAL_KEYS (lists, None on padding), "image2" where the
+    records have it, and the arrays of `targets` (as in `make_train_iterator`).
   """
   n = len(source) if num_examples is None else min(num_examples, len(source))
   if n == 0:
     return
   ds = grain.MapDataset.range(n).map(
-      _DecodeIndex(source, image_size, tokenizer, max_text_len, keep_caption=True))
+      _DecodeIndex(source, image_size, tokenizer, max_text_len, keep_caption=True,
+                   targets=targets))
   read = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=max(2 * batch_size, 64))
   pending = []
   for example in ds.to_iter_dataset(read):

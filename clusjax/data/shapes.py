@@ -120,6 +120,20 @@ def _caption(template, items):
 NUM_TEMPLATES = 7
 
 
+def caption_variants(kind, colour, size, position, image_index, num_captions):
+  """`num_captions` (<= NUM_TEMPLATES) differently worded captions of one image, each
+  true of it: templates image_index + j (mod NUM_TEMPLATES), every other one with the
+  shapes named in reverse order. The attribute arrays are int [MAX_SHAPES], -1 where absent.
+  """
+  if not 1 <= num_captions <= NUM_TEMPLATES:
+    raise ValueError(f"num_captions={num_captions} must be in [1, {NUM_TEMPLATES}] "
+                     "(one caption template each).")
+  items = [(f"a {SIZES[s]} {COLOURS[c]} {KINDS[k]}", POSITION_PHRASES[p])
+           for k, c, s, p in zip(kind, colour, size, position) if k >= 0]
+  return [_caption((image_index + j) % NUM_TEMPLATES, items[::-1] if j % 2 else items)
+          for j in range(num_captions)]
+
+
 def make_example(split, index, image_size, seed=0, *, min_shapes=1, max_shapes=MAX_SHAPES):
   """Example `index` of `split`, a pure function of its arguments.
 

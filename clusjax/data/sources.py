@@ -13,7 +13,7 @@ from tensorflow_datasets.core import read_only_builder
 
 from clusjax.data import shapes
 
-NAMES = ("shapes", "tfds", "jsonl")
+NAMES = ("shapes", "tfds", "jsonl", "easy_vqa")
 # Split aliases, so eval_split="validation" also works for the built-in set.
 _SHAPES_SPLITS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 
@@ -29,21 +29,33 @@ class ShapesSource:
   """The captioned-shapes TFDS split as records.
 
   Extra keys (for evaluators): num_shapes int; kind, colour, size, position
-  int32 [3] (indices into shapes.KINDS etc., -1 where absent).
+  int32 [3] (indices into shapes.KINDS etc., -1 where absent). With
+  `captions_per_image` n > 1, record i is caption i % n of image i // n
+  (`shapes.caption_variants`: differently worded, each true of the image) and
+  carries "image_id" (= i // n), so retrieval follows the COCO protocol.
   """
 
-  def __init__(self, data_source):
+  def __init__(self, data_source, captions_per_image=1):
     self._source = data_source
+    self.captions_per_image = captions_per_image
+    if captions_per_image > 1:   # checks the count once, not per record
+      shapes.caption_variants([0], [0], [0], [0], 0, captions_per_image)
 
   def __len__(self):
-    return len(self._source)
+    return len(self._source) * self.captions_per_image
 
   def __getitem__(self, index):
-    r = self._source[index]
+    n = self.captions_per_image
+    image_index, j = divmod(index, n)
+    r = self._source[image_index]
     out = {"image": r["image"], "caption": _text(r["caption"]),
            "num_shapes": int(r["num_shapes"])}
     for key in ("kind", "colour", "size", "position"):
       out[key] = np.asarray(r[key], np.int32)
+    if n > 1:
+      out["caption"] = shapes.caption_variants(out["kind"], out["colour"], out["size"],
+                                               out["position"], image_index, n)[j]
+      out["image_id"] = image_index
     return out
 
 
@@ -59,24 +71,86 @@ def _lookup(record, path):
   return value
 
 
-class TfdsSource:
-  """A prepared TFDS (ArrayRecord) split as records {"image", "caption"}."""
+def _lookup_all(record, path):
+  """Every value at path "a/b" of record, in order: [value, ...]. Lists are
+  flattened at each level ({"a": {"b": [x, y]}} and {"a": [{"b": x}, {"b": y}]}
+  both give [x, y])."""
+  def items(v):
+    return list(v) if isinstance(v, (list, tuple)) or (
+        isinstance(v, np.ndarray) and v.ndim) else [v]
+  values = [record]
+  for part in path.split("/"):
+    values = [item[part] for v in values for item in items(v)]
+  return [item for v in values for item in items(v)]
 
-  def __init__(self, data_source, image_key="image", caption_key="caption"):
+
+class TfdsSource:
+  """A prepared TFDS (ArrayRecord) split as records {"image", "caption"}.
+
+  With `all_captions`, every caption of an image (coco_captions:
+  caption_key="captions/text", 5 or more per image) is its own record, with
+  "image_id" = the TFDS record index, so retrieval follows the COCO protocol;
+  an image without captions gives no record. The record -> (TFDS index,
+  caption j) index is built at construction by reading every record once
+  (images are decoded too: minutes for COCO train). Without it, record i is
+  TFDS record i with its first caption.
+  """
+
+  def __init__(self, data_source, image_key="image", caption_key="caption", all_captions=False):
     self._source = data_source
     self._image_key, self._caption_key = image_key, caption_key
+    self.all_captions = all_captions
+    self._index = None   # int64 [N_captions, 2]: (TFDS index, caption j)
+    if all_captions:
+      counts = np.array([len(self._captions(r, i)) for i, r in _read_all(data_source)], np.int64)
+      image = np.repeat(np.arange(len(counts)), counts)
+      first = np.cumsum(counts) - counts   # each image's first record
+      self._index = np.stack([image, np.arange(len(image)) - first[image]], axis=1)
+
+  def _captions(self, record, tfds_index):
+    try:
+      return _lookup_all(record, self._caption_key)
+    except (KeyError, IndexError, TypeError):
+      keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+      # ValueError, not KeyError: KeyError would print the message as a quoted repr.
+      raise ValueError(f"caption_key={self._caption_key!r} is not in TFDS record {tfds_index} "
+                       f"(top-level keys {keys}); set config.data.caption_key, e.g. "
+                       '"captions/text" for coco_captions') from None
 
   def __len__(self):
-    return len(self._source)
+    return len(self._source) if self._index is None else len(self._index)
 
   def __getitem__(self, index):
-    r = self._source[index]
+    if self._index is None:
+      r = self._source[index]
+      return {"image": _lookup(r, self._image_key),
+              "caption": _text(_lookup(r, self._caption_key))}
+    tfds_index, j = (int(v) for v in self._index[index])
+    r = self._source[tfds_index]
     return {"image": _lookup(r, self._image_key),
-            "caption": _text(_lookup(r, self._caption_key))}
+            "caption": _text(self._captions(r, tfds_index)[j]), "image_id": tfds_index}
+
+
+def _read_all(data_source, chunk=256):
+  """Yields (index, record) for every record; batched reads where the source has
+  `__getitems__` (TFDS ArrayRecord: parallel reads, much faster than one by one)."""
+  getitems = getattr(data_source, "__getitems__", None)
+  for start in range(0, len(data_source), chunk):
+    keys = range(start, min(start + chunk, len(data_source)))
+    records = getitems(list(keys)) if getitems else [data_source[i] for i in keys]
+    yield from zip(keys, records)
 
 
 class JsonlSource:
-  """Records from a JSONL file of `{"image": <path>, "caption": <str>}` lines.
+  """Records from a JSONL file of `{"image": <path>, "caption": <str>}` lines,
+  or `{"image": <path>, "captions": [<str>, ...]}` (one record per caption, in
+  order; launch/karpathy_to_jsonl.py writes COCO / Flickr30k this way).
+
+  Record keys: image (bytes, or None when unreadable), caption, image_path,
+  image_id int: the index of the image path in order of first appearance, so
+  lines naming the same file (wherever they are) share it and retrieval
+  follows the COCO / Flickr protocol; with one line per image it is the line's
+  record index, the paired protocol.
 
   Image paths are relative to the JSONL's folder (or absolute). The file is
   parsed at construction (a malformed line or a missing key raises ValueError
@@ -86,39 +160,91 @@ class JsonlSource:
 
   def __init__(self, path):
     self.path = os.fspath(path)
-    if not os.path.isfile(self.path):
-      raise FileNotFoundError(f"JSONL file {self.path!r} does not exist")
     folder = os.path.dirname(os.path.abspath(self.path))
-    self._items = []  # [(image path, caption)]
-    with open(self.path, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        where = f"{self.path}:{line_no}"
-        try:
-          entry = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{where}: malformed JSON ({e.msg}): {line.strip()[:80]!r}") from None
-        if not isinstance(entry, dict):
-          raise ValueError(f"{where}: expected a JSON object, got {type(entry).__name__}")
-        missing = [k for k in ("image", "caption") if k not in entry]
-        if missing:
-          raise ValueError(f"{where}: missing key(s) {missing}; each line needs "
-                           '{"image": <path>, "caption": <text>}')
-        image = os.path.join(folder, os.path.expanduser(str(entry["image"])))
-        self._items.append((image, str(entry["caption"])))
+    self._paths = []     # [image path], by image id
+    self._items = []     # [(image id, caption)], by record
+    ids = {}             # normalised image path -> image id
+    for where, entry in jsonl_entries(self.path, (), ""):
+      captions = _jsonl_captions(entry, where)
+      image = os.path.join(folder, os.path.expanduser(str(entry["image"])))
+      # Normalised so "img/0.png" and "/abs/set/img/0.png" are one image.
+      key = os.path.normpath(image)
+      if key not in ids:
+        ids[key] = len(self._paths)
+        self._paths.append(image)
+      self._items.extend((ids[key], c) for c in captions)
+
+  @property
+  def num_images(self):
+    """Distinct image paths (image ids are 0..num_images - 1)."""
+    return len(self._paths)
 
   def __len__(self):
     return len(self._items)
 
   def __getitem__(self, index):
-    image_path, caption = self._items[index]
-    try:
-      with open(image_path, "rb") as f:
-        image = f.read()
-    except OSError:
-      image = None  # counted as a bad record by the pipeline, with the path
-    return {"image": image, "caption": caption, "image_path": image_path}
+    image_id, caption = self._items[index]
+    image_path = self._paths[image_id]
+    # A missing file: image None, counted as a bad record by the pipeline, with the path.
+    return {"image": read_image_bytes(image_path), "caption": caption, "image_path": image_path,
+            "image_id": image_id}
+
+
+def read_image_bytes(path):
+  """The file's bytes, or None when it cannot be read (a bad record the pipeline skips)."""
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except OSError:
+    return None
+
+
+def jsonl_entries(path, required, hint):
+  """Yields (where "file:line", dict) for each non-blank line of a JSONL file.
+
+  Raises ValueError naming file:line on malformed JSON, a non-object line or
+  a missing key of `required` (`hint` shows the expected line).
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"JSONL file {path!r} does not exist")
+  with open(path, encoding="utf-8") as f:
+    for line_no, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f"{path}:{line_no}"
+      try:
+        entry = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: malformed JSON ({e.msg}): {line.strip()[:80]!r}") from None
+      if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(entry).__name__}")
+      missing = [k for k in required if k not in entry]
+      if missing:
+        raise ValueError(f"{where}: missing key(s) {missing}; each line needs {hint}")
+      yield where, entry
+
+
+def _jsonl_captions(entry, where):
+  """The captions of one JSONL line (a dict): [str], from "caption" or "captions"."""
+  usage = ('each line needs {"image": <path>, "caption": <text>} or '
+           '{"image": <path>, "captions": [<text>, ...]}')
+  has = [k for k in ("caption", "captions") if k in entry]
+  missing = [k for k in ("image",) if k not in entry] + ([] if has else ["caption"])
+  if missing:
+    raise ValueError(f"{where}: missing key(s) {missing}; {usage}")
+  if len(has) == 2:
+    raise ValueError(f'{where}: has both "caption" and "captions"; keep one ({usage})')
+  if has == ["caption"]:
+    return [str(entry["caption"])]
+  captions = entry["captions"]
+  if not isinstance(captions, list) or not captions:
+    raise ValueError(f'{where}: "captions" must be a non-empty list of strings, got '
+                     f"{json.dumps(captions)[:80]}; drop the line or give it a caption")
+  bad = [j for j, c in enumerate(captions) if not isinstance(c, str)]
+  if bad:
+    raise ValueError(f'{where}: "captions"[{bad[0]}] is {json.dumps(captions[bad[0]])[:80]}, '
+                     "not a string")
+  return captions
 
 
 def _open_tfds(name, split, data_dir):
@@ -142,13 +268,27 @@ def _open_tfds(name, split, data_dir):
                      "(random access needs file_format=array_record)") from None
 
 
-def make_source(data_config, split):
-  """The records of `split` for `config.data` (see module docstring).
+def _jsonl_path(data_config, split):
+  key = "val" if split == "validation" else split
+  path = data_config.jsonl.get(key, "") if key in ("train", "val", "test") else ""
+  if not path:
+    raise ValueError(f"config.data.jsonl.{key} is not set: give a JSONL path for split "
+                     f"{split!r} (splits: train, val, test)")
+  return path
+
+
+def make_source(data_config, split, task="pretrain"):
+  """The records of `split` for `config.data` and `config.task` (see module docstring).
 
   Args:
     data_config: config.data (name, data_dir, image_size, seed, shapes_num_*,
-      tfds_name, image_key, caption_key, jsonl.{train,val,test}).
+      captions_per_image, questions_per_image, tfds_name, image_key, caption_key,
+      jsonl.{train,val,test}).
     split: split name, e.g. config.data.train_split / eval_split.
+    task: config.task. pretrain / retrieval read image-caption records; vqa
+      reads questions ({"image", "caption": question, "answers", "question_type"},
+      clusjax/data/vqa.py), nlvr2 statements about two images ({"image",
+      "image2", "caption": statement, "label", "statement_type"}, clusjax/data/nlvr.py).
   Returns:
     A random-access source of record dicts.
   """
@@ -161,17 +301,31 @@ def make_source(data_config, split):
         data_config.data_dir, image_size=data_config.image_size,
         num_train=data_config.shapes_num_train, num_val=data_config.shapes_num_val,
         num_test=data_config.shapes_num_test, seed=data_config.seed)
-    return ShapesSource(builder.as_data_source(split=_SHAPES_SPLITS[split]))
+    records = builder.as_data_source(split=_SHAPES_SPLITS[split])
+    if task == "vqa":
+      from clusjax.data.vqa import ShapesVqaSource
+      return ShapesVqaSource(ShapesSource(records), data_config.questions_per_image,
+                             seed=data_config.seed)
+    if task == "nlvr2":
+      from clusjax.data.nlvr import ShapesNlvrSource
+      return ShapesNlvrSource(ShapesSource(records), seed=data_config.seed)
+    return ShapesSource(records, data_config.get("captions_per_image", 1))
+  if name == "easy_vqa":
+    from clusjax.data.vqa import EasyVqaSource
+    return EasyVqaSource(split)
   if name == "tfds":
     if not data_config.tfds_name:
       raise ValueError('config.data.name="tfds" needs config.data.tfds_name (e.g. "coco_captions")')
     return TfdsSource(_open_tfds(data_config.tfds_name, split, data_config.data_dir),
-                      data_config.image_key, data_config.caption_key)
+                      data_config.image_key, data_config.caption_key,
+                      all_captions=data_config.get("all_captions", False))
   if name == "jsonl":
-    key = "val" if split == "validation" else split
-    path = data_config.jsonl.get(key, "") if key in ("train", "val", "test") else ""
-    if not path:
-      raise ValueError(f"config.data.jsonl.{key} is not set: give a JSONL path for split "
-                       f"{split!r} (splits: train, val, test)")
+    path = _jsonl_path(data_config, split)
+    if task == "vqa":
+      from clusjax.data.vqa import VqaJsonlSource
+      return VqaJsonlSource(path)
+    if task == "nlvr2":
+      from clusjax.data.nlvr import Nlvr2JsonlSource
+      return Nlvr2JsonlSource(path)
     return JsonlSource(path)
   raise ValueError(f"config.data.name={name!r} is unknown; use one of {NAMES}")

@@ -1,7 +1,7 @@
 """Evaluators: each has `run(model)` yielding (metric_name, value).
 
 `model` is a `clusjax.api.Pretrained` (`encode_image`, `encode_text`,
-`image_outputs`, `text_outputs`, `itm_logits`, `tokenizer`).
+`image_outputs`, `text_outputs`, `itm_logits`, `task_logits`, `tokenizer`).
 `config.eval.evaluators` lists which run.
 """
 import json
@@ -11,9 +11,11 @@ import jax
 
 from clusjax import workdir as wd
 from clusjax.eval.retrieval import RetrievalEvaluator, recall_at_k
+from clusjax.eval.downstream import Nlvr2Evaluator, VqaEvaluator
 from clusjax.eval.zeroshot import ZeroShotEvaluator
 
-EVALUATORS = {e.name: e for e in (RetrievalEvaluator, ZeroShotEvaluator)}
+EVALUATORS = {e.name: e for e in (RetrievalEvaluator, ZeroShotEvaluator, VqaEvaluator,
+                                  Nlvr2Evaluator)}
 
 
 def evaluate(config, model, workdir=None):
@@ -36,4 +38,5 @@ def evaluate(config, model, workdir=None):
   return results
 
 
-__all__ = ["EVALUATORS", "evaluate", "recall_at_k", "RetrievalEvaluator", "ZeroShotEvaluator"]
+__all__ = ["EVALUATORS", "evaluate", "recall_at_k", "Nlvr2Evaluator", "RetrievalEvaluator",
+           "VqaEvaluator", "ZeroShotEvaluator"]

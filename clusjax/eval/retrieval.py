@@ -6,27 +6,59 @@ from clusjax.data import iterate_eval, make_source
 RECALL_AT = (1, 5, 10)
 
 
-def recall_at_k(similarity, ks=RECALL_AT, t2i_similarity=None):
-  """Recall@K both ways for a paired set (query i's match is item i).
+def recall_at_k(similarity, ks=RECALL_AT, t2i_similarity=None, text_image=None):
+  """Recall@K both ways; an image may have several captions (COCO, Flickr30k: 5).
+
+  image->text: image i is a hit at K when any of its captions ranks in its top K,
+  i.e. fewer than K captions score strictly higher than its best own caption.
+  An image with no caption is skipped (not in the i2t mean). text->image:
+  caption j is a hit at K when image text_image[j] ranks in its top K. Ties
+  count for the query: only strictly higher scores push a match down.
 
   Args:
-    similarity: [N, N] image-by-text scores.
-    t2i_similarity: optional [N, N] image-by-text scores to rank images for
-      each text with (default: `similarity`); re-ranking scores the two
+    similarity: [N_img, N_txt] image-by-text scores.
+    ks: the K of recall@K.
+    t2i_similarity: optional [N_img, N_txt] image-by-text scores to rank images
+      for each text with (default: `similarity`); re-ranking scores the two
       directions differently.
+    text_image: optional int [N_txt], the image of each caption; None = paired
+      (N_img == N_txt, caption i belongs to image i).
   Returns:
-    {"i2t_r1": ..., "t2i_r1": ..., ...} fractions in [0, 1].
+    {"i2t_r1": ..., "t2i_r1": ..., ..., "rsum": ...}: recalls are fractions in
+    [0, 1]; rsum is their sum over both directions and all ks.
   """
   similarity = np.asarray(similarity, np.float64)
   t2i = similarity if t2i_similarity is None else np.asarray(t2i_similarity, np.float64)
-  n = similarity.shape[0]
+  if similarity.ndim != 2:
+    raise ValueError(f"similarity {similarity.shape} must be [N_img, N_txt].")
+  if t2i.shape != similarity.shape:
+    raise ValueError(f"t2i_similarity {t2i.shape} must match similarity {similarity.shape}.")
+  n_img, n_txt = similarity.shape
+  if text_image is None:
+    if n_img != n_txt:
+      raise ValueError(f"similarity {similarity.shape} is not square: a paired set needs "
+                       "N_img == N_txt; pass text_image for several captions per image.")
+    text_image = np.arange(n_txt)
+  text_image = np.asarray(text_image)
+  if text_image.shape != (n_txt,) or not np.issubdtype(text_image.dtype, np.integer):
+    raise ValueError(f"text_image {text_image.shape} {text_image.dtype} must be int "
+                     f"[N_txt] = [{n_txt}].")
+  if n_txt and (text_image.min() < 0 or text_image.max() >= n_img):
+    raise ValueError(f"text_image values [{text_image.min()}, {text_image.max()}] must be "
+                     f"image indices in [0, {n_img}).")
+  txt = np.arange(n_txt)
+  # Each image's best own caption score: O(N_txt), no [N_img, N_txt] float copy.
+  best = np.full(n_img, -np.inf)
+  np.maximum.at(best, text_image, similarity[text_image, txt])
+  has_caption = np.bincount(text_image, minlength=n_img) > 0
+  # Rank of the true match = number of items scored strictly higher.
+  ranks = {"i2t": (similarity > best[:, None]).sum(axis=1)[has_caption],
+           "t2i": (t2i > t2i[text_image, txt][None, :]).sum(axis=0)}
   out = {}
-  for name, sim in (("i2t", similarity), ("t2i", t2i.T)):
-    # Rank of the true match = number of items scored strictly higher.
-    true = sim[np.arange(n), np.arange(n)]
-    rank = (sim > true[:, None]).sum(axis=1)
+  for name, rank in ranks.items():
     for k in ks:
       out[f"{name}_r{k}"] = float(np.mean(rank < k))
+  out["rsum"] = sum(out[f"{name}_r{k}"] for name in ranks for k in ks)
   return out
 
 
@@ -70,9 +102,16 @@ def rerank_scores(similarity, k, pair_scores):
 
 
 def load_eval_pairs(config, tokenizer, num_examples):
-  """(images uint8 [N, H, W, 3], captions list[str]) of the eval split, in order."""
-  source = make_source(config.data, config.data.eval_split)
-  images, captions = [], []
+  """The eval split's images and captions, in order.
+
+  Returns (images uint8 [N_img, H, W, 3], captions list[str] [N_txt], text_image):
+  records with an "image_id" (several captions per image: the built-in shapes
+  with config.data.captions_per_image > 1, COCO / Flickr JSONL) give each image
+  once and text_image int [N_txt], the image index of each caption; otherwise
+  text_image is None (caption i is image i's).
+  """
+  source = make_source(config.data, config.data.eval_split, config.get("task", "pretrain"))
+  images, captions, image_ids = [], [], []
   for batch in iterate_eval(source, batch_size=config.eval.batch_size,
                             image_size=config.data.image_size, tokenizer=tokenizer,
                             max_text_len=config.data.max_text_len,
@@ -80,26 +119,40 @@ def load_eval_pairs(config, tokenizer, num_examples):
     valid = np.asarray(batch["valid"])
     images.append(np.asarray(batch["image"])[valid])
     captions.extend(c for c, v in zip(batch["caption"], valid) if v)
-  return np.concatenate(images), captions
+    if "image_id" in batch:
+      image_ids.append(np.asarray(batch["image_id"])[valid])
+  images = np.concatenate(images)
+  if not image_ids:
+    return images, captions, None
+  ids = np.concatenate(image_ids)
+  # Each image once, in order of its first caption; text_image maps captions to it.
+  _, first, text_image = np.unique(ids, return_index=True, return_inverse=True)
+  order = np.argsort(first)
+  rank = np.empty_like(order)
+  rank[order] = np.arange(len(order))
+  return images[first[order]], captions, rank[text_image]
 
 
 class RetrievalEvaluator:
   """R@1/5/10 image->text and text->image by ITC similarity, then (with
   `config.eval.rerank_k` > 0) with the ITC top-k re-ranked by ITM, as ALBEF:
-  `rerank_i2t_r1`, ..."""
+  `rerank_i2t_r1`, ...; `rsum` is the sum of the six recalls. With several
+  captions per image (records with "image_id"), the COCO / Flickr protocol:
+  an image's hit is any of its captions, a caption's its image."""
   name = "retrieval"
 
   def __init__(self, config):
     self.config = config
 
   def run(self, model):
-    images, captions = load_eval_pairs(self.config, model.tokenizer,
-                                       self.config.eval.num_examples)
+    images, captions, text_image = load_eval_pairs(self.config, model.tokenizer,
+                                                   self.config.eval.num_examples)
     image_tokens, image_feats = model.image_outputs(images)
     text_tokens, text_mask, text_feats = model.text_outputs(captions)
     sim = image_feats @ text_feats.T
     yield "num_examples", len(captions)
-    yield from recall_at_k(sim).items()
+    yield "num_images", len(images)
+    yield from recall_at_k(sim, text_image=text_image).items()
     yield "i2t_top1_prob", mean_top1_probability(sim, model.logit_scale)
     k = self.config.eval.rerank_k
     if k:
@@ -114,5 +167,5 @@ class RetrievalEvaluator:
           out.append(logits[:, 1] - logits[:, 0])   # log-odds of a match
         return np.concatenate(out)
       i2t, t2i = rerank_scores(sim, k, pair_scores)
-      for key, value in recall_at_k(i2t, t2i_similarity=t2i).items():
+      for key, value in recall_at_k(i2t, t2i_similarity=t2i, text_image=text_image).items():
         yield f"rerank_{key}", value

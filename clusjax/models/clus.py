@@ -6,6 +6,7 @@
     (image feats, text feats) . Z / tau_z --> (V_T, V_I) [B, K_max] --LongNet--> pool [B, W]
         [fused CLS of both streams, LongNet pool] --itm_head--> [B, 2]   (match / no match)
         fused text tokens         --mlm_head--> [B, L, V]   (masked-token logits)
+        [fused CLS of both streams] (NLVR2: of both pairs) --task_head--> [B, C]   (vqa, nlvr2)
     prototypes Z [E, K_max], unit columns (clustering swap prediction, DESIGN §3)
 
 The training objectives live in clusjax/train/step.py; this module only
@@ -24,6 +25,7 @@ from clusjax.config import itc_kind
 from clusjax.losses.itc import SIGLIP_BIAS_INIT, SIGLIP_LOG_TEMPERATURE_INIT
 from clusjax.models.bert import BertEncoder
 from clusjax.models.fusion import FusionEncoder
+from clusjax.models.heads import ClassifierHead
 from clusjax.models.layers import LayerNorm, default_init, dense
 from clusjax.models.longnet import LongNet
 from clusjax.models.vit import ViT
@@ -61,6 +63,9 @@ class ClusModel(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: str = "none"                        # config.remat, for every transformer block
   scan_layers: bool = False                  # config.scan_layers: tower, fusion stacks as lax.scan
+  task: str = "pretrain"                     # config.task; vqa / nlvr2 add `task_head`
+  num_classes: int = 0                       # the task head's outputs (0: no head)
+  head_hidden: int = 0                       # its hidden width (0 = 2 x its input's)
 
   def setup(self):
     cfg = self.config
@@ -109,6 +114,9 @@ class ClusModel(nn.Module):
     self.mlm_norm = LayerNorm(1e-12, self.dtype, name="mlm_norm")
     self.mlm_decoder = dense(self.vocab_size, ("embed", "vocab"), dtype=self.dtype,
                              kernel_init=default_init, float32_output=True, name="mlm_decoder")
+    if self.num_classes:
+      self.task_head = ClassifierHead(self.num_classes, self.head_hidden, self.dtype,
+                                      name="task_head")
 
   def _projection(self, name):
     return nn.Dense(
@@ -158,6 +166,30 @@ class ClusModel(nn.Module):
     h = nn.gelu(self.mlm_transform(txt), approximate=False)
     return self.mlm_decoder(self.mlm_norm(h))
 
+  def task_features(self, image_tokens, text_tokens, text_mask, image2_tokens=None,
+                    deterministic=True):
+    """The fused CLS of both streams, [B, Wv + Wt]; with image2_tokens (NLVR2) the
+    pairs (image, text) and (image2, text) fused apart and concatenated, [B, 2 (Wv + Wt)]."""
+    def fused(tokens):
+      img, txt = self.fusion(tokens, text_tokens, text_mask, deterministic, outputs="cls")
+      return jnp.concatenate([img[:, 0], txt[:, 0]], axis=-1)
+    if image2_tokens is None:
+      return fused(image_tokens)
+    return jnp.concatenate([fused(image_tokens), fused(image2_tokens)], axis=-1)
+
+  def task_logits(self, features):
+    """`task_features` [B, F] -> the task head's logits [B, num_classes] float32."""
+    return self.task_head(features)
+
+  def classify(self, images, ids, mask, images2=None, deterministic=True):
+    """images (and NLVR2's images2) uint8 [B, H, W, 3], ids / mask [B, L] -> the task
+    head's logits [B, num_classes] float32: towers, fusion, head in one call."""
+    image_tokens, _ = self.encode_image(images, deterministic)
+    text_tokens, _ = self.encode_text(ids, mask, deterministic)
+    image2_tokens = None if images2 is None else self.encode_image(images2, deterministic)[0]
+    return self.task_logits(self.task_features(image_tokens, text_tokens, mask, image2_tokens,
+                                               deterministic))
+
   def __call__(self, images, ids, mask, deterministic=True):
     """The two towers: ITC features, tokens, temperature and unit-norm prototypes."""
     image_tokens, image_feats = self.encode_image(images, deterministic)
@@ -167,6 +199,9 @@ class ClusModel(nn.Module):
       self.itm_logits(image_tokens, text_tokens, mask, image_feats, text_feats,
                       jnp.ones((self.num_prototypes,), bool))
       self.mlm_logits(image_tokens, ids, mask)
+      if self.num_classes:
+        pair = image_tokens if self.task == "nlvr2" else None
+        self.task_logits(self.task_features(image_tokens, text_tokens, mask, pair))
     out = dict(image_feats=image_feats, text_feats=text_feats, image_tokens=image_tokens,
                text_tokens=text_tokens, temperature=self.temperature,
                prototypes=self.unit_prototypes())
@@ -198,4 +233,14 @@ def build_model(config, vocab_size):
                    dtype=jnp.dtype(config.dtype),
                    # Workdirs from before the key: no remat.
                    remat=config.get("remat", "none"),
-                   scan_layers=config.get("scan_layers", False))
+                   scan_layers=config.get("scan_layers", False),
+                   task=config.get("task", "pretrain"), num_classes=num_task_classes(config),
+                   head_hidden=config.get("finetune", {}).get("head_hidden", 0))
+
+
+def num_task_classes(config):
+  """Outputs of the task head: VQA's answer vocabulary, NLVR2's true / false; 0 = none."""
+  task = config.get("task", "pretrain")
+  if task == "vqa":
+    return config.finetune.num_answers
+  return 2 if task == "nlvr2" else 0

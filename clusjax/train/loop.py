@@ -19,10 +19,12 @@ from tqdm import tqdm
 from clusjax import workdir as wd
 from clusjax.api import Pretrained
 from clusjax.clustering import next_k_max, write_cluster_plots
-from clusjax.config import ConfigError, caption_negative_groups, train_stages, validate
+from clusjax.config import (ConfigError, caption_negative_groups, task_of, train_stages,
+                            validate)
 from clusjax.data import Tokenizer, make_sampled_iterator, make_source, make_train_iterator
 from clusjax.data.sampler import ClusteredSampler
 from clusjax.data.prompts import labeler_from_config, tagger_from_config
+from clusjax.data.tasks import answer_vocab, task_targets
 from clusjax.models.clus import build_model
 from clusjax.parallel.hardware import chip_of
 from clusjax.parallel.mesh import (batch_sharding, create_mesh, mesh_context,
@@ -30,7 +32,8 @@ from clusjax.parallel.mesh import (batch_sharding, create_mesh, mesh_context,
 from clusjax.train.checkpoint import Checkpointer
 from clusjax.train.metrics_writer import MetricWriter
 from clusjax.train.optimizer import make_optimizer
-from clusjax.train.restore import load_tokenizer, restore_model, tokenizer_fingerprint
+from clusjax.train.restore import (load_init_from, load_tokenizer, restore_model,
+                                   tokenizer_fingerprint)
 from clusjax.train.state import abstract_state, dummy_batch, init_state
 from clusjax.train.state import grow_state
 from clusjax.train.stages import (cluster_assignment, describe_assignment, stage_at,
@@ -69,9 +72,9 @@ def _distill_teacher(config):
 
 
 def get_tokenizer(config, workdir, train_source):
-  """The workdir's tokenizer: copied from model.text.init_from's checkpoint,
-  config.data.tokenizer or the distillation teacher's workdir, or trained on
-  the training captions.
+  """The workdir's tokenizer: copied from config.init_from's workdir,
+  model.text.init_from's checkpoint, config.data.tokenizer or the distillation
+  teacher's workdir, or trained on the training captions.
 
   Once in the workdir it is reused as is (resume, eval, export).
   """
@@ -79,7 +82,9 @@ def get_tokenizer(config, workdir, train_source):
   hf_dir = wd.path(workdir, wd.HF_TOKENIZER_DIR)
   init_from = config.model.text.init_from
   if jax.process_index() == 0 and not (os.path.exists(file) or os.path.isdir(hf_dir)):
-    if init_from:
+    if config.get("init_from"):   # the weights read its token ids
+      _copy_workdir_tokenizer(config.init_from, workdir)
+    elif init_from:
       _copy_hf_tokenizer(init_from, hf_dir)
     elif config.data.tokenizer:
       if not os.path.exists(config.data.tokenizer):
@@ -194,14 +199,15 @@ class _Compiled:
       self.cluster_fn = compile_cluster_step(config, mesh, rules, self.shapes, self.shardings)
 
 
-def stage_batches(stage, config, workdir, train_source, tokenizer, pretrained):
+def stage_batches(stage, config, workdir, train_source, tokenizer, pretrained, targets=None):
   """The train iterator of `stage`, from its start.
 
   Random stages shuffle as `make_train_iterator` does (stage 0 with
   config.data.seed, stage i with a seed drawn from (seed, i)); clustered ones
   sample from the stage's assignment (`cluster_assignment`: read from the
   workdir, or made now from `pretrained()`, the model at the stage's start;
-  None when resuming, which must find it in the workdir).
+  None when resuming, which must find it in the workdir). `targets`: the
+  downstream task's (`clusjax.data.tasks.task_targets`).
   """
   c = stage_config(config, stage)
   seed = config.data.seed
@@ -211,7 +217,7 @@ def stage_batches(stage, config, workdir, train_source, tokenizer, pretrained):
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_workers=config.data.num_workers,
       negative_groups=caption_negative_groups(config.data.caption_negatives),
-      prompt_labeler=labeler_from_config(c), tagger=tagger_from_config(c))
+      prompt_labeler=labeler_from_config(c), tagger=tagger_from_config(c), targets=targets)
   if stage.sampler == "random":
     if stage.index:
       seed = int(np.random.SeedSequence([seed, stage.index]).generate_state(1)[0])
@@ -265,14 +271,22 @@ def train(config, workdir):
   mesh, rules = create_mesh(config.mesh), rules_from_config(config)
   ckpt = Checkpointer(wd.path(workdir, wd.CHECKPOINT_DIR),
                       keep=config.train.keep_checkpoints, every=config.train.checkpoint_every)
+  init_from = config.get("init_from") if ckpt.latest_step() is None else ""
   if ckpt.latest_step() is not None:
     # K_max may have grown during the run: build what the checkpoint holds.
     config.clustering.max_prototypes = ckpt.k_max()
+  elif init_from:   # ... or during the run it starts from
+    source = Checkpointer(wd.path(init_from, wd.CHECKPOINT_DIR), read_only=True)
+    config.clustering.max_prototypes = source.k_max()
+    source.close()
   if is_main:
     wd.save_config(config, workdir)
 
-  train_source = make_source(config.data, config.data.train_split)
+  train_source = make_source(config.data, config.data.train_split, task_of(config))
   tokenizer = get_tokenizer(config, workdir, train_source)
+  vocab = (answer_vocab(config, workdir, train_source, write=is_main)
+           if task_of(config) == "vqa" else None)
+  targets = task_targets(config, vocab)
   num_steps = config.train.num_steps
   tx, schedule = make_optimizer(config.optim, num_steps)
   teacher = load_teacher(config, workdir, mesh, rules) if _distill_teacher(config) else None
@@ -285,7 +299,7 @@ def train(config, workdir):
   def batches(state):   # the current stage's batches, from its start
     model = None if state is None else (
         lambda: Pretrained(compiled.model, state.params, tokenizer, config, state.active))
-    return stage_batches(stage, config, workdir, train_source, tokenizer, model)
+    return stage_batches(stage, config, workdir, train_source, tokenizer, model, targets)
 
   compiled = build()
   if ckpt.latest_step() is not None:
@@ -295,6 +309,9 @@ def train(config, workdir):
       print(f"Resumed from step {int(state.step)} in {workdir}", flush=True)
   else:
     state = init_state(compiled.model, tx, config, compiled.shardings)
+    if init_from:
+      state = load_init_from(state, init_from, mesh, rules,
+                             log=print if is_main else (lambda _: None))
     data_iter = batches(state)
   if is_main:
     print(_describe(mesh, state, compiled.flops), flush=True)

@@ -58,3 +58,69 @@ def restore_model(workdir, mesh, rules=None, step=None):
   finally:
     ckpt.close()
   return model, state.params, state.active, config, tokenizer
+
+
+def resample_pos_embed(pos_embed, num_tokens):
+  """ViT position embeddings [1, 1 + n * n, W] -> [1, 1 + m * m, W] (num_tokens = 1 + m * m):
+  the CLS row kept, the n x n grid resized bicubically (as BEiT / big_vision do when
+  fine-tuning at another image size than pre-training)."""
+  import jax
+  import jax.numpy as jnp
+  n, m = (int(round((t - 1) ** 0.5)) for t in (pos_embed.shape[1], num_tokens))
+  if n * n + 1 != pos_embed.shape[1] or m * m + 1 != num_tokens:
+    raise ValueError(f"position embeddings of {pos_embed.shape[1]} and {num_tokens} tokens are "
+                     "not 1 + a square grid each.")
+  width = pos_embed.shape[-1]
+  grid = pos_embed[0, 1:].reshape(n, n, width).astype(jnp.float32)
+  grid = jax.image.resize(grid, (m, m, width), method="bicubic")
+  return jnp.concatenate([pos_embed[:, :1], grid.reshape(1, m * m, width).astype(pos_embed.dtype)],
+                         axis=1)
+
+
+def _name(path):
+  return "/".join(path)
+
+
+def load_init_from(state, source, mesh, rules, log=print):
+  """`state` (freshly initialised) with the params of `source`'s latest checkpoint
+  (config.init_from): every leaf `source` has at the same path is copied in, the
+  ViT position embeddings resampled to this run's image size, `active` taken when
+  K_max matches; the optimizer state stays as initialised (Adam's moments are
+  zeros whatever the params). Says what it loaded and what is new.
+
+  Raises ValueError naming a parameter whose shape differs in `source` (other
+  than the position embeddings; `clusjax.config.check_init_from` catches the
+  config keys behind such shapes before anything is built).
+  """
+  import jax
+  from flax import traverse_util
+  ckpt = Checkpointer(wd.path(source, wd.CHECKPOINT_DIR), read_only=True)
+  step = ckpt.latest_step()
+  ckpt.close()
+  _, params, active, _, _ = restore_model(source, mesh, rules)
+  theirs = traverse_util.flatten_dict(params)
+  mine = traverse_util.flatten_dict(state.params)
+  loaded, new, resampled, out = [], [], [], {}
+  for path, leaf in mine.items():
+    value = theirs.get(path)
+    if value is None:
+      new.append(_name(path))
+      out[path] = leaf
+      continue
+    if value.shape != leaf.shape:
+      if path[-1] != "pos_embed" or path[0] != "vision":
+        raise ValueError(f"config.init_from={source!r}: parameter {_name(path)} is "
+                         f"{tuple(value.shape)} there and {tuple(leaf.shape)} here.")
+      resampled.append(f"{_name(path)} {tuple(value.shape)} -> {tuple(leaf.shape)}")
+      value = jax.jit(resample_pos_embed, static_argnums=1,
+                      out_shardings=leaf.sharding)(value, leaf.shape[1])
+    loaded.append(leaf.size)
+    out[path] = jax.device_put(value.astype(leaf.dtype), leaf.sharding)
+  unused = [_name(p) for p in theirs if p not in mine]
+  if active.shape == state.active.shape:
+    state = state.replace(active=jax.device_put(active, state.active.sharding))
+  log(f"init_from {source} (step {step}): loaded {len(loaded)} tensors "
+      f"({sum(loaded) / 1e6:.2f}M params); new: {', '.join(sorted(new)) or 'none'}"
+      + (f"; resampled {', '.join(resampled)}" if resampled else "")
+      + (f"; not used: {', '.join(sorted(unused))}" if unused else ""))
+  return state.replace(params=traverse_util.unflatten_dict(out))

@@ -48,6 +48,13 @@ def dummy_batch(config, batch_size=1):
   if tagger_from_config(config) is not None:
     batch.update(tag_ids=np.zeros((batch_size, length), np.int32),
                  tag_mask=np.ones((batch_size, length), bool))
+  task = config.get("task", "pretrain")   # the downstream targets (clusjax/data/tasks.py)
+  if task == "vqa":
+    batch.update(target_scores=np.zeros((batch_size, config.finetune.num_answers), np.float32),
+                 label=np.zeros((batch_size,), np.int32))
+  elif task == "nlvr2":
+    batch.update(image2=np.zeros((batch_size, size, size, 3), np.uint8),
+                 label=np.zeros((batch_size,), np.int32))
   return batch
 
 

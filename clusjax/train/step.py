@@ -16,6 +16,8 @@ The Clus objective (DESIGN §5), each term with its weight in `config.loss`:
           other images the negatives
     uni_text  text-text InfoNCE: each caption against a copy with tokens
           masked (and the tower's dropout)
+    task  a downstream head (config.task vqa / nlvr2) on the fused CLS, with
+          config.finetune.loss: ce | supcon | clce
 
 A term whose weight is 0 (or `loss.swap_prediction=False`) is not computed at
 all, so an ITC-only run costs what the dual encoder costs.
@@ -29,10 +31,11 @@ import optax
 from clusjax.clustering import cluster_prototypes
 from clusjax.config import itc_kind
 from clusjax.data.augment import augment_images
-from clusjax.losses import (clip_temperature, infonce_from_logits, itc_logits, itm_loss, itm_pairs,
+from clusjax.losses import (classification_loss, clce_loss, clip_temperature,
+                            infonce_from_logits, itc_logits, itm_loss, itm_pairs,
                             distillation_loss, mask_tokens, mlm_loss, noun_codes,
                             prompt_label_loss, sample_hard_negatives, siglip_loss, softclip_loss,
-                            swap_prediction_loss)
+                            supcon_loss, swap_prediction_loss, vqa_loss)
 from clusjax.models.clus import ClusModel
 from clusjax.train.state import is_prototype_leaf
 
@@ -60,7 +63,8 @@ def _weights(loss_config):
            mlm=loss_config.mlm_weight,
            swap=loss_config.swap_weight if loss_config.swap_prediction else 0.0,
            prompt=loss_config.get("prompt_weight", 0.0),
-           noun_code=loss_config.get("noun_code_weight", 0.0))
+           noun_code=loss_config.get("noun_code_weight", 0.0),
+           task=loss_config.get("task_weight", 0.0))
   uni = loss_config.get("unimodal")
   if uni is not None:
     w.update(uni_image=uni.image_weight, uni_text=uni.text_weight)
@@ -112,6 +116,7 @@ def _rngs(rng):
   # on leaves every other term's randomness as it was.
   views = ("view1", "view2", "image_view", "view_masking", "text_view")
   rngs.update(zip(views, jax.random.split(jax.random.fold_in(rng, 1), len(views))))
+  rngs["task"] = jax.random.fold_in(rng, 2)
   return rngs
 
 
@@ -231,7 +236,50 @@ def micro_terms(model, params, out, batch, rngs, config, text_ids, active, weigh
                                deterministic=False, rngs={"dropout": rngs["mlm"]},
                                method=ClusModel.mlm_logits)
     terms["mlm"], terms["mlm_accuracy"] = mlm_loss(token_logits, ids, targets)
+
+  if "task" in weights:
+    terms.update(task_terms(model, params, out, batch, rngs, config.finetune))
   return terms
+
+
+def task_terms(model, params, out, batch, rngs, finetune_config):
+  """The downstream head's loss and accuracy (config.task vqa / nlvr2).
+
+  The features are the fused CLS (`ClusModel.task_features`; NLVR2: both pairs
+  concatenated); `batch["label"]` int32 [B] is the class (VQA: the top answer,
+  -1 when none is in the vocabulary: left out of the label-based terms). Loss by
+  finetune_config.loss: ce (VQA: `vqa_loss` on batch["target_scores"] [B, A];
+  NLVR2: softmax CE) | supcon (`supcon_loss` on the features, plus ce for the
+  head, which reads the features without their gradient) | clce (`clce_loss`).
+  Accuracy: VQA score of the top answer (its target score), or exact match.
+  """
+  variables = {"params": params}
+  kw = dict(deterministic=False, rngs={"dropout": rngs["task"]})
+  image2 = None
+  if "image2" in batch:   # NLVR2's right image, through the same tower
+    image2, _ = model.apply(variables, batch["image2"], method=ClusModel.encode_image, **kw)
+  feats = model.apply(variables, out["image_tokens"], out["text_tokens"], batch["text_mask"],
+                      image2, method=ClusModel.task_features, **kw)
+  head_input = jax.lax.stop_gradient(feats) if finetune_config.loss == "supcon" else feats
+  logits = model.apply(variables, head_input, method=ClusModel.task_logits)
+  labels = batch["label"]
+  valid = labels >= 0
+  predicted = jnp.argmax(logits, axis=-1)
+  if "target_scores" in batch:
+    ce = vqa_loss(logits, batch["target_scores"])
+    accuracy = jnp.mean(jnp.take_along_axis(batch["target_scores"], predicted[:, None], 1))
+  else:
+    ce = classification_loss(logits, labels, valid)
+    accuracy = jnp.mean(predicted == labels)
+  if finetune_config.loss == "supcon":
+    loss = ce + supcon_loss(feats, labels, temperature=finetune_config.supcon_temperature,
+                            valid=valid)
+  elif finetune_config.loss == "clce":
+    loss = clce_loss(logits, feats, labels, lam=finetune_config.clce_lam,
+                     temperature=finetune_config.clce_temperature, valid=valid)
+  else:
+    loss = ce
+  return {"task": loss, "task_accuracy": accuracy}
 
 
 def _weighted(terms, weights):

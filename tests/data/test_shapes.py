@@ -148,3 +148,18 @@ def test_tfds_builder_matches_make_split(tmp_path):
   assert again.is_prepared()
   assert {f: os.path.getmtime(f) for f in files} == mtimes
   assert len(again.as_data_source(split="train")) == 32
+
+
+def test_caption_variants_are_distinct_and_name_every_shape():
+  from clusjax.data.shapes import (COLOURS, KINDS, NUM_TEMPLATES, caption_variants,
+                                   make_example)
+  for i in range(20):
+    e = make_example("train", i, 32)
+    captions = caption_variants(e["kind"], e["colour"], e["size"], e["position"], i, 5)
+    assert len(set(captions)) == 5
+    for c in captions:
+      for k, col in zip(e["kind"], e["colour"]):
+        if k >= 0:
+          assert f"{COLOURS[col]} {KINDS[k]}" in c
+  with pytest.raises(ValueError, match="num_captions=8"):
+    caption_variants([0], [0], [0], [0], 0, NUM_TEMPLATES + 1)

@@ -65,3 +65,124 @@ def test_mean_top1_probability():
   sim = rng.uniform(-1, 1, (20, 30))
   # A larger scale (a lower temperature) makes the softmax more peaked.
   assert mean_top1_probability(sim, 50.0) > mean_top1_probability(sim, 5.0) > 1 / 30
+
+
+def _multi_caption_loops(sim, text_image, k):
+  """Independent reference for several captions per image, one query at a time.
+
+  i2t: sort the captions of image i (stable, best first); the hit position is the
+  first own caption's, moved up past the captions tied with it (ties count for
+  the query). Images without captions are skipped. t2i: the same for the image
+  of each caption among all images.
+  """
+  i2t = []
+  for i in range(sim.shape[0]):
+    own = [j for j in range(sim.shape[1]) if text_image[j] == i]
+    if not own:
+      continue
+    order = list(np.argsort(-sim[i], kind="stable"))
+    first = min(order.index(j) for j in own)
+    while first > 0 and sim[i, order[first - 1]] == sim[i, order[first]]:
+      first -= 1
+    i2t.append(first < k)
+  t2i = []
+  for j in range(sim.shape[1]):
+    order = list(np.argsort(-sim[:, j], kind="stable"))
+    pos = order.index(text_image[j])
+    while pos > 0 and sim[order[pos - 1], j] == sim[order[pos], j]:
+      pos -= 1
+    t2i.append(pos < k)
+  return float(np.mean(i2t)), float(np.mean(t2i))
+
+
+def _check_multi(sim, text_image, ks=(1, 5, 10)):
+  got = recall_at_k(sim, ks=ks, text_image=text_image)
+  for k in ks:
+    i2t, t2i = _multi_caption_loops(sim, text_image, k)
+    assert got[f"i2t_r{k}"] == pytest.approx(i2t, abs=1e-12)
+    assert got[f"t2i_r{k}"] == pytest.approx(t2i, abs=1e-12)
+  rsum = sum(got[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in ks)
+  assert got["rsum"] == pytest.approx(rsum)
+  return got
+
+
+def test_multi_caption_five_per_image():
+  rng = np.random.default_rng(3)
+  n_img = 40
+  text_image = np.repeat(np.arange(n_img), 5)
+  rng.shuffle(text_image)                       # captions need not be grouped
+  sim = rng.normal(size=(n_img, len(text_image)))
+  sim[text_image, np.arange(len(text_image))] += 1.0
+  got = _check_multi(sim, text_image)
+  assert 0 < got["i2t_r1"] < got["i2t_r10"] < 1 and 0 < got["t2i_r1"] < got["t2i_r10"] < 1
+  # Any one of 5 captions in the top k is easier than one given caption's image.
+  assert got["i2t_r1"] > got["t2i_r1"]
+
+
+def test_multi_caption_uneven_and_missing_images():
+  rng = np.random.default_rng(4)
+  n_img = 30
+  counts = rng.integers(1, 5, n_img)
+  counts[[3, 17]] = 0                           # images without captions: skipped
+  text_image = np.repeat(np.arange(n_img), counts)
+  rng.shuffle(text_image)
+  sim = rng.normal(size=(n_img, len(text_image)))
+  sim[text_image, np.arange(len(text_image))] += 0.8
+  _check_multi(sim, text_image, ks=(1, 3, 5, 10))
+  # Skipped, not counted as misses: the i2t mean is over the 28 captioned images.
+  sim_perfect = np.full(sim.shape, -1.0)
+  sim_perfect[text_image, np.arange(len(text_image))] = 1.0
+  got = recall_at_k(sim_perfect, text_image=text_image)
+  assert got["i2t_r1"] == 1.0 and got["t2i_r1"] == 1.0 and got["rsum"] == 6.0
+
+
+def test_multi_caption_ties_count_for_the_query():
+  # Scores in {0, 1, 2}: many ties between own and other captions / images.
+  rng = np.random.default_rng(5)
+  text_image = np.repeat(np.arange(12), 3)
+  sim = rng.integers(0, 3, size=(12, 36)).astype(np.float64)
+  _check_multi(sim, text_image, ks=(1, 2, 5))
+  # All scores equal: every match ranks first.
+  got = recall_at_k(np.zeros((4, 8)), text_image=np.repeat(np.arange(4), 2))
+  assert got["i2t_r1"] == 1.0 and got["t2i_r1"] == 1.0
+
+
+def test_multi_caption_best_caption_counts():
+  """Image 0's captions 0 and 1: caption 1 is its top text, so i2t_r1 = 1 for it
+  even though caption 0 ranks last."""
+  sim = np.array([[0.0, 0.9, 0.5, 0.4],
+                  [0.1, 0.2, 0.8, 0.7]])
+  got = recall_at_k(sim, ks=(1,), text_image=np.array([0, 0, 1, 1]))
+  assert got["i2t_r1"] == 1.0
+  # t2i: caption 0's image (0) scores 0.0 < 0.1, a miss; the others hit.
+  assert got["t2i_r1"] == 0.75
+
+
+def test_paired_is_unchanged():
+  rng = np.random.default_rng(6)
+  sim = rng.normal(size=(25, 25))
+  sim[np.arange(25), np.arange(25)] += 1.0
+  t2i = sim + rng.normal(scale=0.3, size=sim.shape)
+  paired = recall_at_k(sim, t2i_similarity=t2i)
+  assert paired == recall_at_k(sim, t2i_similarity=t2i, text_image=np.arange(25))
+  for k in (1, 5, 10):
+    assert paired[f"i2t_r{k}"] == _recall_loops(sim, k)
+    assert paired[f"t2i_r{k}"] == _recall_loops(t2i.T, k)
+  assert set(paired) == {f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)} | {"rsum"}
+  assert paired["rsum"] == pytest.approx(sum(v for key, v in paired.items() if key != "rsum"))
+
+
+def test_bad_text_image_raises():
+  sim = np.zeros((3, 6))
+  with pytest.raises(ValueError, match="text_image"):
+    recall_at_k(sim, text_image=np.array([0, 0, 1, 1, 2]))          # 5 != N_txt
+  with pytest.raises(ValueError, match="text_image"):
+    recall_at_k(sim, text_image=np.array([0, 0, 1, 1, 2, 3]))       # image 3 of 3
+  with pytest.raises(ValueError, match="text_image"):
+    recall_at_k(sim, text_image=np.array([0, 0, 1, 1, 2, -1]))
+  with pytest.raises(ValueError, match="text_image"):
+    recall_at_k(sim, text_image=np.array([0.0, 0, 1, 1, 2, 2]))     # not int
+  with pytest.raises(ValueError, match="similarity"):
+    recall_at_k(sim)                                                 # paired, not square
+  with pytest.raises(ValueError, match="t2i_similarity"):
+    recall_at_k(sim, t2i_similarity=np.zeros((6, 3)), text_image=np.repeat(np.arange(3), 2))
