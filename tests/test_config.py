@@ -211,3 +211,146 @@ def test_check_init_from_names_the_differing_key(tmp_path):
   c.init_from = str(tmp_path / "nothing")
   with pytest.raises(ConfigError, match="not a trained clusjax workdir"):
     check_init_from(c)
+
+
+# --- every bad value refused at start (issue 23): a table of rules, one line per key ---
+
+def _nan():
+  return float("nan")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("optim.learning_rate", _nan(), "config.optim.learning_rate=nan must be a finite number"),
+    ("optim.learning_rate", float("inf"), "config.optim.learning_rate=inf must be a finite"),
+    ("clustering.eps", _nan(), "config.clustering.eps=nan must be a finite number"),
+    ("clustering.sinkhorn_epsilon", _nan(), "config.clustering.sinkhorn_epsilon=nan must be"),
+    ("clustering.temperature", _nan(), "config.clustering.temperature=nan must be"),
+    ("loss.itc.softclip.beta", _nan(), "config.loss.itc.softclip.beta=nan"),   # not read: still
+    ("optim.b1", 1e300, "config.optim.b1=1e+300 must be a finite number (float32"),
+    ("data.eval_split", "no_such_value",
+     "config.data.eval_split='no_such_value': the built-in shapes have the splits train, val"),
+    ("data.eval_split", "", "config.data.eval_split='' must name a split"),
+    ("data.train_split", "", "config.data.train_split='' must name a split"),
+    ("data.train_split", "tset", "config.data.train_split='tset': the built-in shapes have"),
+    ("data.image_size", 10**12, "config.data.image_size=1000000000000 is out of range"),
+    ("data.image_size", 1_000_000, "config.train.batch_size=96 x config.data.image_size=1000000^2"
+                                   " x 12 bytes = 1.15e+15 bytes for a training batch of images"),
+    ("train.batch_size", 10**9, "config.train.batch_size=1000000000 x config.data.image_size=64^2"),
+    ("eval.num_examples", 10**7, "config.eval.num_examples=10000000^2 x 4 bytes"),
+    ("mesh.data", -7, "config.mesh.data=-7 must be a positive integer or -1"),
+    ("mesh.fsdp", -1, "config.mesh: only one axis may be -1, got ['data', 'fsdp']"),
+    ("data.tokenizer", "/no/such/sp.model", "config.data.tokenizer='/no/such/sp.model' does not"),
+    ("data.jsonl.test", "/no/such.jsonl", "config.data.jsonl.test='/no/such.jsonl' does not"),
+    ("seed", True, "config.seed=True must be an integer"),
+    ("model.vision.stem", "vit", "config.model.vision.stem='vit' must be one of patch, conv"),
+    ("data.shapes_backgrounds", ("dark", "sky"), "config.data.shapes_backgrounds=('dark', 'sky')"),
+])
+def test_bad_values_are_refused_before_anything_runs(key, value, message):
+  c = clus_base.get_config("tiny")
+  set_key(c, key, value)
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    validate(c)
+
+
+def test_every_key_of_every_config_has_a_rule():
+  """A new key is one line of clusjax.config.RULES (or config_tasks.TASK_RULES)."""
+  import glob
+  import ml_collections
+  from clusjax.config import RULES
+  from clusjax.config_tasks import TASK_RULES
+  ruled = {rule[0] for rule in RULES + TASK_RULES}
+
+  def leaves(node, prefix=""):
+    for key, value in node.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        yield from leaves(value, f"{prefix}{key}.")
+      else:
+        yield prefix + key
+  names = [os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))]
+  unruled = {}
+  for name in sorted(set(names) - {"downstream", "__init__"}):
+    for arg in (None, "tiny"):
+      for key in set(leaves(_task(name, arg))) - ruled:
+        unruled.setdefault(key, f"configs/{name}.py")
+  assert not unruled, ("keys without a rule: add a line (key, kind, constraint[, when]) to "
+                       f"RULES in clusjax/config.py: {unruled}")
+
+
+def test_choices_kept_here_agree_with_their_modules():
+  from clusjax import config, config_tasks
+  from clusjax.data import shapes, shapes_v2, sources, vqa
+  from clusjax.eval import retrieval
+  assert set(config_tasks.SHAPES_SPLITS) == set(sources._SHAPES_SPLITS)
+  assert config_tasks.EASY_VQA_SPLITS == vqa.EASY_VQA_SPLITS
+  assert config.SHAPES_VERSIONS == shapes.VERSIONS
+  assert config.SHAPES_BACKGROUNDS == shapes_v2.BACKGROUNDS
+  assert config.RERANK_SCORES == retrieval.RERANK_SCORES
+
+
+def _jsonl_config(tmp_path, **jsonl):
+  c = clus_base.get_config("tiny")
+  c.data.name, c.eval.evaluators = "jsonl", ("retrieval",)
+  for split, name in jsonl.items():
+    (tmp_path / name).write_text("")
+    c.data.jsonl[split] = str(tmp_path / name)
+  return c
+
+
+def test_jsonl_splits_are_the_splits_with_a_file(tmp_path):
+  c = _jsonl_config(tmp_path, train="train.jsonl")
+  with pytest.raises(ConfigError, match=re.escape(
+      "config.data.eval_split='test': config.data.jsonl.test is empty")):
+    validate(c)
+  c.train.eval_at_end = False     # the eval split is not read
+  validate(c)
+  c = _jsonl_config(tmp_path, train="train.jsonl", val="val.jsonl")
+  c.data.eval_split = "validation"
+  validate(c)
+  c.data.eval_split = "dev"
+  with pytest.raises(ConfigError, match="config.data.eval_split='dev': a JSONL data set has"):
+    validate(c)
+  c.data.eval_split, c.data.train_split = "val", "test"
+  with pytest.raises(ConfigError, match="config.data.train_split='test': config.data.jsonl.test"):
+    validate(c)
+
+
+def test_tfds_splits_are_read_from_the_prepared_dataset_info(tmp_path):
+  import json
+  info = tmp_path / "coco_captions" / "2014" / "1.1.0" / "dataset_info.json"
+  info.parent.mkdir(parents=True)
+  info.write_text(json.dumps({"splits": [{"name": "train"}, {"name": "val"}, {"name": "test"}]}))
+  c = clus_base.get_config("tiny")
+  c.data.update(name="tfds", tfds_name="coco_captions", data_dir=str(tmp_path))
+  c.eval.evaluators = ("retrieval",)
+  for split in ("test", "val[:10%]", "train+val"):
+    c.data.eval_split = split
+    validate(c)
+  c.data.eval_split = "validation"
+  with pytest.raises(ConfigError, match=re.escape(
+      "config.data.eval_split='validation': TFDS 'coco_captions' has no split 'validation'; "
+      "it has test, train, val.")):
+    validate(c)
+  c.data.eval_split = "train["
+  with pytest.raises(ConfigError, match="not a TFDS split"):
+    validate(c)
+  c.data.tfds_name = "not_prepared"    # not known cheaply: TFDS names it when opened
+  c.data.eval_split = "validation"
+  validate(c)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("optim.b2", 1.0, "config.optim.b2=1.0 must be < 1.0"),        # Adam divides by 1 - b2^t
+    ("model.dropout", 1.0, "config.model.dropout=1.0 must be < 1.0"),
+    ("optim.learning_rate", 1e-300, "config.optim.learning_rate=1e-300 is 0 in float32"),
+    ("data.max_text_len", 10**6, "config.data.max_text_len=1000000^2 x 4 bytes"),
+    ("data.num_workers", 10**6, "config.data.num_workers=1000000 x 104857600 bytes"),
+    ("data.image_size", 160_000, "makes 100000000 image tokens"),
+])
+def test_values_that_would_break_the_arithmetic_are_refused(key, value, message):
+  c = clus_base.get_config("tiny")
+  set_key(c, key, value)
+  if key == "data.image_size":
+    # One image of each batch and of the data set would fit; its attention would not.
+    c.train.batch_size = c.eval.batch_size = c.data.shapes_num_train = 1
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    validate(c)
