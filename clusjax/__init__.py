@@ -13,7 +13,8 @@ def load_pretrained(workdir, step=None):
 
 
 def load_finetuned(workdir, step=None):
-  """A fine-tuned model (VQA `answer`, NLVR2 `verify`, retrieval); see clusjax/api.py."""
+  """A fine-tuned model (VQA `answer`, NLVR2 `verify`, `caption`, retrieval); see
+  clusjax/api.py."""
   from clusjax.api import load_finetuned as _load
   return _load(workdir, step=step)
 

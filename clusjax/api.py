@@ -11,6 +11,7 @@ retrieval.py) with the same interface plus its task's:
 
     model.answer(images, ["what colour is the circle?", ...])   # VQA -> list[str]
     model.verify(left_images, right_images, statements)         # NLVR2 -> float32 [B], P(true)
+    model.caption(images, beam_size=3)                           # captioning -> list[str]
 """
 import functools
 
@@ -24,6 +25,7 @@ from clusjax.losses import clip_temperature
 from clusjax.models.clus import ClusModel
 from clusjax.parallel.mesh import create_mesh
 from clusjax.train.restore import restore_model
+from clusjax.train.step import TextIds
 
 
 def _to_numpy(x):
@@ -56,6 +58,7 @@ class Pretrained:
     self._itm_fn = jax.jit(functools.partial(model.apply, method=ClusModel.itm_logits))
     self._classify_fn = jax.jit(functools.partial(model.apply, method=ClusModel.classify))
     self.answers = answers   # VQA: the AnswerVocab (the head's classes), else None
+    self._caption_fns = {}   # (beam_size, max_len) -> compiled decoder
 
   @property
   def logit_scale(self):
@@ -144,6 +147,38 @@ class Pretrained:
     logits = self.task_logits(left, statements, right)
     return np.asarray(jax.nn.softmax(logits, axis=-1)[:, 1], np.float32)
 
+  def caption(self, images, *, beam_size=3, max_len=None):
+    """Captioning (configs/caption.py): uint8 [B, H, W, 3] images -> B captions (list[str]).
+
+    Beam search with `beam_size` beams (1: greedy) and config.caption.length_penalty,
+    at most `max_len` tokens (None: config.caption.max_len; 0 there: as many as the
+    text positions allow, config.data.max_text_len - 1). One compiled decoder per
+    (beam_size, max_len), run in chunks of `batch_size` images.
+    """
+    self._require_task("caption", "caption")
+    images = self._check_images(images)
+    if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+      raise ValueError(f"beam_size={beam_size!r} must be an int >= 1.")
+    limit = self.config.data.max_text_len - 1
+    if max_len is None:
+      max_len = self.config.caption.max_len or limit
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= limit:
+      raise ValueError(f"max_len={max_len!r} must be an int in [1, {limit}] "
+                       "(config.data.max_text_len - 1: [CLS] takes a position).")
+    if not len(images):
+      return []
+    key = (beam_size, max_len)
+    if key not in self._caption_fns:
+      from clusjax.models.decode import caption_decoder
+      self._caption_fns[key] = jax.jit(caption_decoder(
+          self.model, TextIds.of(self.tokenizer), max_len=max_len,
+          method="beam" if beam_size > 1 else "greedy", beam_size=beam_size,
+          length_penalty=self.config.caption.length_penalty,
+          mask_query=self.config.caption.decode_query == "mask"))
+    fn = self._caption_fns[key]
+    tokens, _ = self._chunked(lambda variables, chunk: fn(variables["params"], chunk), [images])
+    return self.tokenizer.decode(tokens)
+
   def image_outputs(self, images):
     """uint8 [B, H, W, 3] -> (tokens float32 [B, 1+N, Wv], features float32 [B, E])."""
     images = self._check_images(images)
@@ -200,8 +235,8 @@ def load_pretrained(workdir, step=None, mesh=None):
 
 
 def load_finetuned(workdir, step=None, mesh=None):
-  """`load_pretrained` of a fine-tuning workdir (config.task retrieval, vqa or nlvr2):
-  `answer` (VQA), `verify` (NLVR2) and the retrieval interface."""
+  """`load_pretrained` of a fine-tuning workdir (config.task retrieval, vqa, nlvr2 or
+  caption): `answer` (VQA), `verify` (NLVR2), `caption` and the retrieval interface."""
   from clusjax import workdir as wd
   task = wd.load_config(workdir).get("task", "pretrain")
   if task == "pretrain":

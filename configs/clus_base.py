@@ -73,6 +73,11 @@ def get_config(arg=None):
   c.data.shapes_num_train = 100_000
   c.data.shapes_num_val = 1_000
   c.data.shapes_num_test = 1_000
+  # Built-in shapes renderer: 2 (sizes, places, rotation, anti-aliasing, colour and
+  # background vary; clusjax/data/shapes_v2.py) | 1 (fixed centred masks on black, the
+  # sets made before v2). Backgrounds v2 draws from: dark | noise | light.
+  c.data.shapes_version = 2
+  c.data.shapes_backgrounds = ("dark", "noise")
   # Built-in shapes: differently worded captions per image (records = images x this;
   # retrieval then follows the COCO / Flickr protocol, several captions per image).
   c.data.captions_per_image = 1
@@ -95,8 +100,10 @@ def get_config(arg=None):
   c.data.caption_negatives = ()
 
   c.model = ml_collections.ConfigDict()
+  # stem: patch (ViT's linear patch projection) | conv (3x3 stride-2 convolutions
+  # down to the patch grid; clusjax/models/vit.py).
   c.model.vision = ml_collections.ConfigDict(
-      dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072))
+      dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072, stem="patch"))
   # text.init_from: a PyTorch BERT checkpoint (transformers directory or weights file)
   # to start the text tower from (clusjax.export.import_bert); "" = random init.
   c.model.text = ml_collections.ConfigDict(
@@ -168,6 +175,9 @@ def get_config(arg=None):
           beta=0.3, relation_weight=1.0, symmetric_kl=True, clip_weight=0.0,
           self_similarity="features"))))
   c.loss.itm_weight = 1.0
+  # ITM also sees each image with its caption's hard negative (data.caption_negatives:
+  # one word swapped), besides the ALBEF in-batch hard negatives.
+  c.loss.itm_caption_negatives = False
   c.loss.mlm_weight = 1.0
   c.loss.swap_weight = 1.0
   c.loss.swap_prediction = True   # L_z on/off (Table 5 ablation)
@@ -210,6 +220,9 @@ def get_config(arg=None):
   c.train.log_every = 50
   c.train.checkpoint_every = 1_000
   c.train.keep_checkpoints = 3
+  # A step whose loss or gradient norm is not finite is not applied (and counted in
+  # metrics.jsonl as skipped_steps); this many in a row stop the run with an error.
+  c.train.max_skipped_steps = 20
   c.train.eval_at_end = True
   # Stages (clusjax/train/stages.py): a tuple of dicts run in order, each with
   # its steps (adding up to num_steps), sampler (random | clustered: batches
@@ -225,6 +238,12 @@ def get_config(arg=None):
   c.eval.num_examples = 1_000     # test examples for retrieval
   c.eval.evaluators = ("retrieval", "zeroshot")
   c.eval.rerank_k = 16            # ITC top-k re-scored by ITM (0 = ITC ranking only)
+  # The re-ranking score: itm (ITM log-odds, ALBEF) | itm+itc (plus the ITC logit, BLIP
+  # style; clusjax/eval/retrieval.py). itm+itc: an ITM head weaker than ITC on the
+  # top-k's near misses no longer pulls R@1 down (README, "Re-ranking").
+  c.eval.rerank_score = "itm+itc"
+  # zeroshot_transfer: single shapes drawn by another renderer (clusjax/data/shapes_transfer.py).
+  c.eval.transfer_examples = 400
 
   if arg == "tiny":
     _tiny(c)
@@ -245,7 +264,7 @@ def _tiny(c):
   # Patch 16: 16 image tokens (patch 8: 64) make the step ~1.5x faster; the
   # shapes (11 and 19 px) are still told apart.
   c.model.vision = ml_collections.ConfigDict(
-      dict(patch_size=16, width=128, depth=4, num_heads=4, mlp_dim=512))
+      dict(patch_size=16, width=128, depth=4, num_heads=4, mlp_dim=512, stem="patch"))
   c.model.text = ml_collections.ConfigDict(
       dict(width=128, depth=4, num_heads=4, mlp_dim=512, init_from=""))
   c.model.fusion_depth = 1
@@ -276,3 +295,4 @@ def _tiny(c):
   c.train.log_every = 20
   c.train.checkpoint_every = 100
   c.eval.batch_size = 250
+  c.eval.evaluators = ("retrieval", "zeroshot", "zeroshot_transfer")

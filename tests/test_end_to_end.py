@@ -44,6 +44,7 @@ def test_train_eval_and_load_pretrained(shapes_data_dir, tmp_path):
   proc = subprocess.run(MAIN + [f"--workdir={workdir}", "--mode=eval"] + micro_flags(shapes_data_dir),
                         capture_output=True, text=True, env=subprocess_env(), timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"Loaded step 6 of {workdir}" in proc.stdout
   again = json.loads((workdir / wd.EVAL_RESULTS_FILE).read_text())
   for key, value in results.items():
     np.testing.assert_allclose(again[key], value, atol=1e-6)

@@ -12,7 +12,8 @@ import os
 import numpy as np
 
 from clusjax.data import shapes
-from clusjax.data.sources import jsonl_entries, read_image_bytes
+from clusjax.data.damage import JsonlLines
+from clusjax.data.sources import read_image_bytes
 from clusjax.data.vqa import article
 
 STATEMENT_TYPES = ("more_colour", "both_kind", "neither_kind", "same_count",
@@ -159,23 +160,26 @@ class Nlvr2JsonlSource:
 
   label: bool, "True"/"False" or 0/1; "statement_type" optional ("" when
   absent). Image paths are relative to the JSONL's folder (or absolute). The
-  file is parsed at construction (a bad line raises ValueError naming
-  file:line); images are read lazily, a missing one gives None.
+  file is parsed at construction, damaged lines skipped and counted in
+  `skipped` as JsonlSource's; images are read lazily, a missing one gives None.
   """
 
   _HINT = '{"left": <path>, "right": <path>, "sentence": <text>, "label": true/false}'
 
   def __init__(self, path):
     self.path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(self.path))
     self._items = []  # [(left path, right path, sentence, label, statement_type)]
-    for where, entry in jsonl_entries(self.path, ("left", "right", "sentence", "label"),
-                                      self._HINT):
-      left, right = (os.path.join(folder, os.path.expanduser(str(entry[k])))
-                     for k in ("left", "right"))
-      self._items.append((left, right, str(entry["sentence"]),
-                          _parse_label(entry["label"], where),
-                          str(entry.get("statement_type", ""))))
+    lines = JsonlLines(self.path, ("left", "right", "sentence", "label"), self._HINT)
+    for where, entry in lines:
+      try:   # a bad line is counted; too many raise (clusjax.data.damage)
+        left, right = (lines.image_path(entry, k, where) for k in ("left", "right"))
+        sentence = lines.text(entry["sentence"], "sentence", where)
+        label = _parse_label(entry["label"], where)
+      except ValueError as e:
+        lines.skip("bad_fields", where, str(e))
+        continue
+      self._items.append((left, right, sentence, label, str(entry.get("statement_type", ""))))
+    self.skipped = lines.done(len(self._items))
 
   def __len__(self):
     return len(self._items)

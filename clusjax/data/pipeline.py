@@ -10,19 +10,26 @@ checkpoint and a resumed run sees exactly the batches it would have seen.
 
 Eval: the first N records in order, the last batch padded, with `valid`.
 
-Bad records (image missing or unreadable, empty caption, wrong array shape,
-a source that raises) never crash a run: they are skipped and counted per
-process (`skipped_records()`), with the first one logged.
+Bad records (image missing, empty, truncated or a decompression bomb; empty
+or binary caption; wrong array shape; a source that raises) never crash a
+run: they are skipped and counted per process by reason (`skipped_by_reason()`,
+reasons in `clusjax.data.damage`), with the first one logged; a data set with
+no usable record stops with a DataError. Captions are cut before tokenizing
+(`clip_caption`), so a 100 kB one costs what a short one does.
 """
-import io
-import logging
+import collections
 import os
-import threading
 
 import grain
 import numpy as np
 import PIL.Image
 
+from clusjax.data.damage import SKIPPED as _SKIPPED
+from clusjax.data.damage import DataError, caption_problem, decode_image_bytes
+from clusjax.data.damage import describe as _describe
+# Re-exported: clusjax.data and the train loop read the counts from here.
+from clusjax.data.damage import (reset_skipped_records, skip_metrics,  # noqa: F401
+                                 skipped_by_reason, skipped_records)
 from clusjax.data.negatives import negative_caption
 from clusjax.data.sampler import SampledIndex
 
@@ -36,25 +43,22 @@ READ_THREADS = min(16, os.cpu_count() or 1)
 
 
 def _decode_image(image, image_size):
-  """bytes / uint8 array -> (uint8 [S, S, 3], None) or (None, reason)."""
-  if image is None:
-    return None, "image missing or unreadable"
-  if isinstance(image, (bytes, bytearray, memoryview)):
-    try:
-      with PIL.Image.open(io.BytesIO(image)) as pil:
-        pil = pil.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - any undecodable file is a bad record
-      return None, f"undecodable image bytes ({type(e).__name__}: {e})"
+  """bytes (None: file missing) / uint8 array -> (uint8 [S, S, 3], None) or
+  (None, (reason, detail)); reasons as in `clusjax.data.damage`."""
+  if image is None or isinstance(image, (bytes, bytearray, memoryview)):
+    pil, bad = decode_image_bytes(image)   # any mode -> RGB; damage -> a reason
+    if pil is None:
+      return None, bad
   else:
     array = np.asarray(image)
     if array.dtype != np.uint8:
-      return None, f"image array dtype {array.dtype} (want uint8)"
+      return None, ("bad_image_array", f"image array dtype {array.dtype} (want uint8)")
     if array.ndim == 3 and array.shape[-1] == 1:
       array = array[..., 0]
     if array.ndim == 3 and array.shape[-1] == 4:
       array = array[..., :3]  # drop alpha
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3)) or min(array.shape[:2]) == 0:
-      return None, f"image array of shape {array.shape} (want [H, W, 3])"
+      return None, ("bad_image_array", f"image array of shape {array.shape} (want [H, W, 3])")
     if array.shape[:2] == (image_size, image_size):
       return np.stack([array] * 3, -1) if array.ndim == 2 else array, None
     pil = PIL.Image.fromarray(array).convert("RGB")
@@ -64,21 +68,43 @@ def _decode_image(image, image_size):
   return np.asarray(pil, np.uint8), None
 
 
+# Characters per token beyond which `clip_caption` cuts regardless of words.
+_CHARS_PER_TOKEN = 64
+
+
+def clip_caption(caption, max_text_len):
+  """The start of `caption` that tokenizes to the same first max_text_len tokens.
+
+  A 100 kB caption would cost 30 ms of SentencePiece per record (and BPE's
+  cost grows faster than the length) for tokens that are cut anyway.
+  Tokenizers split at whitespace and every word gives at least one token, so
+  the first max_text_len words are enough; only a caption whose words average
+  over 64 characters is cut inside one. Short captions are returned as is.
+  """
+  limit = _CHARS_PER_TOKEN * max_text_len
+  if len(caption) <= limit:
+    return caption
+  words = caption[:limit].split(maxsplit=max_text_len)   # the last item: the rest
+  return " ".join(words[:max_text_len]) if len(words) > max_text_len else caption[:limit]
+
+
 def _decode(record, image_size, tokenizer, max_text_len):
-  """record -> ({image, text_ids, text_mask[, image2]}, None) or (None, reason).
+  """record -> ({image, text_ids, text_mask[, image2]}, None) or (None, (reason, detail)).
 
   A record with "image2" (NLVR2's right image) has both images decoded.
   """
   caption = record.get("caption")
-  if not isinstance(caption, str) or not caption.strip():
-    return None, f"empty caption {caption!r}"
+  problem = caption_problem(caption)
+  if problem:
+    return None, (problem, f"caption {str(caption)[:40]!r}")
   out = {}
   for key in ("image", "image2") if "image2" in record else ("image",):
-    out[key], reason = _decode_image(record.get(key), image_size)
+    out[key], bad = _decode_image(record.get(key), image_size)
     if out[key] is None:
       path = record.get(f"{key}_path")
-      return None, reason + (f" ({path})" if path else "")
-  out["text_ids"], out["text_mask"] = tokenizer.encode_one(caption, max_text_len)
+      return None, (bad[0], bad[1] + (f" ({path})" if path else ""))
+  out["text_ids"], out["text_mask"] = tokenizer.encode_one(clip_caption(caption, max_text_len),
+                                                           max_text_len)
   return out, None
 
 
@@ -93,38 +119,7 @@ def decode_record(record, *, image_size, tokenizer, max_text_len):
 
 
 # ---------------------------------------------------------------------------
-# Counting bad records.
-
-
-class _SkipCounter:
-  """Process-wide count of skipped records; thread-safe (Grain maps in threads)."""
-
-  def __init__(self):
-    self._lock = threading.Lock()
-    self.count = 0
-
-  def add(self, index, reason):
-    with self._lock:
-      self.count += 1
-      count = self.count
-    if count == 1:
-      logging.warning("Skipping bad record %d: %s (further ones are counted, see "
-                      "clusjax.data.skipped_records())", index, reason)
-    elif count in (10, 100, 1000, 10_000, 100_000):
-      logging.warning("%d bad records skipped so far (latest: record %d: %s)", count, index, reason)
-
-
-_SKIPPED = _SkipCounter()
-
-
-def skipped_records():
-  """How many bad records this process has skipped (all pipelines, all epochs)."""
-  return _SKIPPED.count
-
-
-def reset_skipped_records():
-  with _SKIPPED._lock:  # pylint: disable=protected-access
-    _SKIPPED.count = 0
+# Reading records (bad ones are counted by clusjax.data.damage's SKIPPED).
 
 
 class _DecodeIndex:
@@ -150,22 +145,23 @@ class _DecodeIndex:
       record = self.source[index]
       example, reason = _decode(record, self.image_size, self.tokenizer, self.max_text_len)
     except Exception as e:  # noqa: BLE001 - a failing read is a bad record, not a crash
-      example, reason = None, f"reading failed ({type(e).__name__}: {e})"
+      example, reason = None, ("read_error", f"{type(e).__name__}: {e}")
     if example is None:
-      return {"bad_index": index, "bad_reason": reason}
+      return {"bad_index": index, "bad_reason": reason[0], "bad_detail": reason[1]}
+    caption = clip_caption(record["caption"], self.max_text_len)   # for the texts made from it
     if self.keep_caption:   # eval: the text and what the evaluators group by
       example.update({k: record[k] for k in ("caption",) + EVAL_KEYS if k in record})
     if self.targets is not None:   # a downstream task's labels (clusjax.data.tasks)
       example.update(self.targets(record))
     if self.negative_groups:
       # None: nothing to swap (an all-padding row, masked out of the loss).
-      negative = negative_caption(record["caption"], self.negative_groups, self.seed, index)
+      negative = negative_caption(caption, self.negative_groups, self.seed, index)
       ids, mask = self._encode_or_pad(negative, self.max_text_len)
       example.update(neg_text_ids=ids, neg_text_mask=mask, neg_valid=negative is not None)
     if self.prompt_labeler is not None:
-      example.update(self._labels(record["caption"], index))
+      example.update(self._labels(caption, index))
     if self.tagger is not None:
-      ids, mask = self._encode_or_pad(self.tagger(record["caption"]), self.max_text_len)
+      ids, mask = self._encode_or_pad(self.tagger(caption), self.max_text_len)
       example.update(tag_ids=ids, tag_mask=mask)
     return example
 
@@ -189,26 +185,40 @@ class _DecodeIndex:
 EVAL_KEYS = ("image_id", "question_type", "statement_type", "answers")
 
 
+# Bad records in a row after which a data set counts as unusable. Train streams
+# are shuffled, so 10,000 in a row means under 0.1% of the records are good
+# (else a chance of e^-10): stopping beats spinning through an epoch of a
+# million missing files. Smaller sets: one epoch's worth (`limit`).
+BAD_IN_A_ROW = 10_000
+
+
 class _DropBad:
   """Filter: True for good examples; counts the bad ones.
 
-  Raises once a whole epoch's worth of records in a row was bad (a filter
-  would otherwise spin forever on a data set with no usable record).
+  Raises DataError once min(limit, BAD_IN_A_ROW) records in a row were bad (a
+  filter would otherwise spin forever on a data set with no usable record).
   """
 
   def __init__(self, limit):
-    self.limit = limit
+    self.size, self.limit = limit, min(limit, BAD_IN_A_ROW)
     self.in_a_row = 0
+    self.reasons = collections.Counter()   # of the current run of bad records
 
   def __call__(self, example):
     if "bad_index" not in example:
-      self.in_a_row = 0
+      if self.in_a_row:
+        self.in_a_row = 0
+        self.reasons.clear()
       return True
-    _SKIPPED.add(example["bad_index"], example["bad_reason"])
+    _SKIPPED.add(example["bad_index"], example["bad_reason"], example["bad_detail"])
     self.in_a_row += 1
+    self.reasons[example["bad_reason"]] += 1
     if self.in_a_row >= self.limit:
-      raise RuntimeError(f"{self.in_a_row} bad records in a row (every record of the shard): "
-                         f"last one {example['bad_index']}: {example['bad_reason']}")
+      raise DataError(
+          f"no usable record: {self.in_a_row} records in a row were bad "
+          f"({_describe(self.reasons)}; the data set has {self.size}); last: record "
+          f"{example['bad_index']}: {example['bad_reason']}: {example['bad_detail']}; "
+          "check the image files the data set names")
     return False
 
 
@@ -362,11 +372,17 @@ def iterate_eval(source, *, batch_size, image_size, tokenizer, max_text_len, num
       _DecodeIndex(source, image_size, tokenizer, max_text_len, keep_caption=True,
                    targets=targets))
   read = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=max(2 * batch_size, 64))
-  pending = []
+  pending, good, bad = [], 0, collections.Counter()
   for example in ds.to_iter_dataset(read):
     if "bad_index" in example:
-      _SKIPPED.add(example["bad_index"], example["bad_reason"])
+      _SKIPPED.add(example["bad_index"], example["bad_reason"], example["bad_detail"])
+      bad[example["bad_reason"]] += 1
+      if not good and sum(bad.values()) == n:
+        raise DataError(f"no usable record: all {n} records to evaluate were bad "
+                        f"({_describe(bad)}); last: record {example['bad_index']}: "
+                        f"{example['bad_detail']}")
       continue
+    good += 1
     pending.append(example)
     if len(pending) == batch_size:
       yield _pad_batch(pending, batch_size, image_size, max_text_len, tokenizer.pad_id)

@@ -8,11 +8,14 @@ zero-shot classification on it are real tasks a small model learns on a CPU.
 Layout: the image is a 3x3 grid of cells; the five positions are the plus
 pattern of it (left / right / top / bottom / center). A shape is drawn only
 inside its own cell, so shapes never overlap, and shapes in one image have
-distinct positions, so a caption is never ambiguous. A shape sits at the
-centre of its cell (JITTER = 0): with random offsets a from-scratch patch-8
-ViT learns the kind of a shape several times slower (supervised, 250 steps
-of 128: 66% kind accuracy with full-cell offsets, 76% with +-1 px, 99%
-centred), and a contrastive model within the tiny budget not at all.
+distinct positions, so a caption is never ambiguous.
+
+Two renderers (`version`): 2 (the default, TFDS 2.0.0; clusjax/data/shapes_v2.py)
+draws each shape with a continuous size, a place anywhere in its cell, a small
+rotation, anti-aliased edges, colour / brightness jitter and a varied background;
+1 (TFDS 1.1.0) draws five fixed masks centred in their cells in pure colours on
+black, which a model can learn pixel by pixel without learning shape. The scene
+(attributes, caption) of example i is the same in both.
 
 Example i of a split depends only on (seed, split, i, image_size): it is drawn
 from its own RNG, `np.random.default_rng([seed, split_id, i])`, so any prefix
@@ -21,14 +24,19 @@ of a split equals a shorter split and generation order does not matter.
 `CaptionedShapes` stores the set as a TFDS ArrayRecord data set (no
 TensorFlow needed); `prepare_shapes` builds it once per data dir.
 """
+import concurrent.futures
 import dataclasses
 import fcntl
 import io
+import multiprocessing
 import os
+import time
 
 import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
+
+from clusjax.data import shapes_v2
 
 KINDS = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan", "white", "orange")
@@ -44,6 +52,10 @@ POSITION_PHRASES = ("on the left", "on the right", "at the top", "at the bottom"
 SPLITS = ("train", "val", "test")
 MAX_SHAPES = 3          # attribute arrays in the TFDS set are [MAX_SHAPES]
 MIN_IMAGE_SIZE = 16
+VERSIONS = (1, 2)       # renderers; TFDS versions 1.1.0 and 2.0.0
+LATEST_VERSION = 2
+DEFAULT_BACKGROUNDS = shapes_v2.DEFAULT_BACKGROUNDS
+# v1: offset of a shape inside its cell, as a fraction of the free room (0 = centred).
 JITTER = 0.0
 
 # (row, col) of each position's cell in the 3x3 grid.
@@ -99,7 +111,7 @@ def _join(items):
   return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _caption(template, items):
+def _caption(template, items, background="black"):
   """Caption for `items` = [(desc "a small red circle", where "on the left"), ...]."""
   both = [f"{d} {w}" for d, w in items]
   if template == 0:
@@ -114,34 +126,43 @@ def _caption(template, items):
     return "an image with " + _join(both) + "."
   if template == 5:
     return _join([f"{d} is {w}" for d, w in items]) + "."
-  return "a black background with " + _join(both) + "."
+  return f"a {background} background with " + _join(both) + "."
 
 
 NUM_TEMPLATES = 7
 
 
-def caption_variants(kind, colour, size, position, image_index, num_captions):
+def caption_variants(kind, colour, size, position, image_index, num_captions,
+                     background="black"):
   """`num_captions` (<= NUM_TEMPLATES) differently worded captions of one image, each
   true of it: templates image_index + j (mod NUM_TEMPLATES), every other one with the
-  shapes named in reverse order. The attribute arrays are int [MAX_SHAPES], -1 where absent.
+  shapes named in reverse order. The attribute arrays are int [MAX_SHAPES], -1 where absent;
+  background: the word for the image's background ("black", or "white" on v2's light ones).
   """
   if not 1 <= num_captions <= NUM_TEMPLATES:
     raise ValueError(f"num_captions={num_captions} must be in [1, {NUM_TEMPLATES}] "
                      "(one caption template each).")
   items = [(f"a {SIZES[s]} {COLOURS[c]} {KINDS[k]}", POSITION_PHRASES[p])
            for k, c, s, p in zip(kind, colour, size, position) if k >= 0]
-  return [_caption((image_index + j) % NUM_TEMPLATES, items[::-1] if j % 2 else items)
-          for j in range(num_captions)]
+  return [_caption((image_index + j) % NUM_TEMPLATES, items[::-1] if j % 2 else items,
+                   background) for j in range(num_captions)]
 
 
-def make_example(split, index, image_size, seed=0, *, min_shapes=1, max_shapes=MAX_SHAPES):
+def make_example(split, index, image_size, seed=0, *, min_shapes=1, max_shapes=MAX_SHAPES,
+                 version=LATEST_VERSION, backgrounds=shapes_v2.DEFAULT_BACKGROUNDS):
   """Example `index` of `split`, a pure function of its arguments.
+
+  version: the renderer (VERSIONS); the scene (attributes, caption template) does
+  not depend on it. backgrounds: v2's background kinds to draw from (shapes_v2).
 
   Returns:
     dict: image uint8 [S, S, 3]; caption str; num_shapes int; kind, colour,
-    size, position int32 [max_shapes] (-1 where absent).
+    size, position int32 [max_shapes] (-1 where absent); background str (the
+    caption's word for it: "black", or "white" on v2's light backgrounds).
   """
   _check_args(split, image_size, min_shapes, max_shapes)
+  if version not in VERSIONS:
+    raise ValueError(f"captioned shapes version={version!r} is unknown; use one of {VERSIONS}")
   split_id = SPLITS.index(split)
   rng = np.random.default_rng([seed, split_id, index])
   n = int(rng.integers(min_shapes, max_shapes + 1))
@@ -150,16 +171,43 @@ def make_example(split, index, image_size, seed=0, *, min_shapes=1, max_shapes=M
            "colour": rng.integers(0, len(COLOURS), n),
            "size": rng.integers(0, len(SIZES), n)}
   template = int(rng.integers(NUM_TEMPLATES))
+  cells = [cell_bounds(int(p), image_size) for p in attrs["position"]]
+  if version == 1:
+    image, word = _draw_v1(rng, attrs, cells, image_size), "black"
+  else:
+    # Its own stream: v2's draws never shift the scene's.
+    draw_rng = np.random.default_rng([seed, split_id, index, version])
+    kind = draw_rng.choice(shapes_v2.check_backgrounds(backgrounds))
+    canvas = shapes_v2.background(draw_rng, image_size, kind)
+    largest = half_extents(image_size)[1]
+    for j in range(n):
+      shapes_v2.draw_shape(canvas, draw_rng, KINDS[attrs["kind"][j]],
+                           COLOUR_RGB[attrs["colour"][j]], int(attrs["size"][j]), cells[j],
+                           largest)
+    image = np.clip(np.round(canvas), 0, 255).astype(np.uint8)
+    word = "white" if kind == "light" else "black"
+  described = [(f"a {SIZES[s]} {COLOURS[c]} {KINDS[k]}", POSITION_PHRASES[p])
+               for k, c, s, p in zip(attrs["kind"], attrs["colour"], attrs["size"],
+                                     attrs["position"])]
+  out = {"image": image, "caption": _caption(template, described, word), "num_shapes": n,
+         "background": word}
+  for key, values in attrs.items():
+    padded = np.full((max_shapes,), -1, np.int32)
+    padded[:n] = values
+    out[key] = padded
+  return out
+
+
+def _draw_v1(rng, attrs, cells, image_size):
+  """v1: the fixed masks, centred (give or take JITTER), pure colours on black."""
+  n = len(cells)
   # Offset of each shape inside its cell: centred, give or take JITTER of the free room.
   jitter = 0.5 + JITTER * (rng.uniform(0.0, 1.0, (n, 2)) - 0.5)
-
   image = np.zeros((image_size, image_size, 3), np.uint8)
   extents = half_extents(image_size)
-  described = []
   for j in range(n):
-    pos, kind = int(attrs["position"][j]), int(attrs["kind"][j])
-    colour, size = int(attrs["colour"][j]), int(attrs["size"][j])
-    y0, y1, x0, x1 = cell_bounds(pos, image_size)
+    kind, colour, size = int(attrs["kind"][j]), int(attrs["colour"][j]), int(attrs["size"][j])
+    y0, y1, x0, x1 = cells[j]
     e = extents[size]
     # Centre pixel: anywhere that keeps the shape (2e + 1 px) off the cell's
     # 1 px border; drawing only inside the cell means shapes cannot overlap.
@@ -168,14 +216,7 @@ def make_example(split, index, image_size, seed=0, *, min_shapes=1, max_shapes=M
     dy = (np.arange(y0, y1) - cy)[:, None]
     dx = (np.arange(x0, x1) - cx)[None, :]
     image[y0:y1, x0:x1][_shape_mask(kind, dy, dx, e)] = COLOUR_RGB[colour]
-    described.append((f"a {SIZES[size]} {COLOURS[colour]} {KINDS[kind]}", POSITION_PHRASES[pos]))
-
-  out = {"image": image, "caption": _caption(template, described), "num_shapes": n}
-  for key, values in attrs.items():
-    padded = np.full((max_shapes,), -1, np.int32)
-    padded[:n] = values
-    out[key] = padded
-  return out
+  return image
 
 
 def _check_args(split, image_size, min_shapes, max_shapes):
@@ -189,17 +230,19 @@ def _check_args(split, image_size, min_shapes, max_shapes):
                      f"<= {len(POSITIONS)} (one shape per position)")
 
 
-def make_split(split, num_examples, image_size, seed=0, *, min_shapes=1, max_shapes=MAX_SHAPES):
-  """The first `num_examples` examples of `split`, in memory.
+def make_split(split, num_examples, image_size, seed=0, *, min_shapes=1, max_shapes=MAX_SHAPES,
+               version=LATEST_VERSION, backgrounds=shapes_v2.DEFAULT_BACKGROUNDS):
+  """The first `num_examples` examples of `split`, in memory (see make_example).
 
   Returns:
-    dict: images uint8 [N, S, S, 3] (black background); captions list[str];
+    dict: images uint8 [N, S, S, 3]; captions list[str];
     num_shapes int32 [N]; kind, colour, size, position int32 [N, max_shapes]
     (indices into KINDS, COLOURS, SIZES, POSITIONS; -1 where absent).
   """
   _check_args(split, image_size, min_shapes, max_shapes)
   examples = [make_example(split, i, image_size, seed, min_shapes=min_shapes,
-                           max_shapes=max_shapes) for i in range(num_examples)]
+                           max_shapes=max_shapes, version=version, backgrounds=backgrounds)
+              for i in range(num_examples)]
   out = {"images": np.zeros((num_examples, image_size, image_size, 3), np.uint8),
          "captions": [e["caption"] for e in examples],
          "num_shapes": np.array([e["num_shapes"] for e in examples], np.int32)}
@@ -231,10 +274,20 @@ class ShapesConfig(tfds.core.BuilderConfig):
   num_val: int = 1_000
   num_test: int = 1_000
   seed: int = 0
+  backgrounds: tuple = shapes_v2.DEFAULT_BACKGROUNDS   # v2 only
 
 
-def config_name(image_size, num_train, num_val, num_test, seed):
-  return f"s{image_size}_tr{num_train}_va{num_val}_te{num_test}_seed{seed}"
+def config_name(image_size, num_train, num_val, num_test, seed,
+                backgrounds=shapes_v2.DEFAULT_BACKGROUNDS):
+  name = f"s{image_size}_tr{num_train}_va{num_val}_te{num_test}_seed{seed}"
+  if tuple(backgrounds) != shapes_v2.DEFAULT_BACKGROUNDS:
+    name += "_bg" + "-".join(backgrounds)
+  return name
+
+
+def tfds_version(version):
+  """Renderer version (VERSIONS) -> the TFDS version string of its data sets."""
+  return {1: "1.1.0", 2: "2.0.0"}[version]
 
 
 class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
@@ -242,11 +295,14 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
 
   Features: image = PNG bytes (a string Tensor: features.Image would need
   TensorFlow to encode), caption Text (decodes to bytes), num_shapes int32,
-  kind/colour/size/position int32 [MAX_SHAPES].
+  kind/colour/size/position int32 [MAX_SHAPES]; from 2.0.0 background Text
+  (the caption's word for it). Version 1.1.0 sets are CaptionedShapesV1's.
   """
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("2.0.0")
   RELEASE_NOTES = {"1.0.0": "First release.",
-                   "1.1.0": "Shapes centred in their cells (JITTER = 0)."}
+                   "1.1.0": "Shapes centred in their cells (JITTER = 0).",
+                   "2.0.0": "Renderer v2 (shapes_v2.py): continuous sizes and places, rotation, "
+                            "anti-aliasing, colour jitter, varied backgrounds."}
   BUILDER_CONFIGS = []  # configs are made on the fly by prepare_shapes
   # Nothing is downloaded, so no checksums file; TFDS's search for one next to
   # a module inside a package needs importlib_resources (not installed).
@@ -254,16 +310,19 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     attr = lambda: tfds.features.Tensor(shape=(MAX_SHAPES,), dtype=np.int32)  # noqa: E731
+    features = {
+        "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+        "caption": tfds.features.Text(),
+        "num_shapes": tfds.features.Tensor(shape=(), dtype=np.int32),
+        "kind": attr(), "colour": attr(), "size": attr(), "position": attr(),
+    }
+    if self.version.major >= 2:
+      features["background"] = tfds.features.Text()
     # Built directly: dataset_info_from_configs needs a package directory.
     return tfds.core.DatasetInfo(
         builder=self,
         description="Synthetic images of 1-3 coloured shapes with template captions.",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(), dtype=np.object_),
-            "caption": tfds.features.Text(),
-            "num_shapes": tfds.features.Tensor(shape=(), dtype=np.int32),
-            "kind": attr(), "colour": attr(), "size": attr(), "position": attr(),
-        }),
+        features=tfds.features.FeaturesDict(features),
         # Keep generation order so record i == make_split(...)[i].
         disable_shuffling=True,
     )
@@ -277,28 +336,76 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split, num_examples):
     c = self.builder_config
-    for i in range(num_examples):
-      e = make_example(split, i, c.image_size, c.seed)
-      e["image"] = encode_png(e["image"])
-      e["num_shapes"] = np.int32(e["num_shapes"])
-      yield i, e
+    args = (split, c.image_size, c.seed, self.version.major, tuple(c.backgrounds))
+    chunks = [(start, min(start + _CHUNK, num_examples), *args)
+              for start in range(0, num_examples, _CHUNK)]
+    workers = min(os.cpu_count() or 1, len(chunks))
+    if workers < 2:
+      results = map(_encoded_examples, chunks)
+    else:
+      # Examples are independent draws: worker processes (spawned, not forked: the
+      # parent may hold JAX's threads) draw chunks, in order.
+      pool = concurrent.futures.ProcessPoolExecutor(
+          workers, mp_context=multiprocessing.get_context("spawn"))
+      results = pool.map(_encoded_examples, chunks)
+    index = 0
+    for examples in results:
+      for e in examples:
+        yield index, e
+        index += 1
+    if workers >= 2:
+      pool.shutdown()
 
 
-def prepare_shapes(data_dir, *, image_size, num_train, num_val, num_test, seed=0):
+_CHUNK = 1_000
+
+
+def _encoded_examples(chunk):
+  """Examples [start, stop) of a split as TFDS records (PNG bytes)."""
+  start, stop, split, image_size, seed, version, backgrounds = chunk
+  out = []
+  for i in range(start, stop):
+    e = make_example(split, i, image_size, seed, version=version, backgrounds=backgrounds)
+    if version < 2:
+      del e["background"]
+    e["image"] = encode_png(e["image"])
+    e["num_shapes"] = np.int32(e["num_shapes"])
+    out.append(e)
+  return out
+
+
+class CaptionedShapesV1(CaptionedShapes, skip_registration=True):
+  """The v1 renderer's sets (TFDS 1.1.0) under the same name and paths, so those made
+  before v2 keep loading and new ones can be made: TFDS builds only a builder's
+  own VERSION, hence a builder per version."""
+  name = "captioned_shapes"
+  VERSION = tfds.core.Version("1.1.0")
+
+
+def prepare_shapes(data_dir, *, image_size, num_train, num_val, num_test, seed=0,
+                   version=LATEST_VERSION, backgrounds=shapes_v2.DEFAULT_BACKGROUNDS):
   """Builds the set in `data_dir` ("" = TFDS default) unless already there.
 
-  Safe to call from several processes on one file system at once: a file
-  lock lets one build while the others wait, then they all reuse it.
+  version: the renderer (VERSIONS; 1 = the TFDS 1.1.0 sets made before v2);
+  backgrounds: v2's background kinds. Safe to call from several processes on one
+  file system at once: a file lock lets one build while the others wait, then
+  they all reuse it. Prints the generation time when it builds.
 
   Returns:
     The CaptionedShapes builder; read with `builder.as_data_source(split)`.
   """
   _check_args("train", image_size, 1, MAX_SHAPES)
-  config = ShapesConfig(name=config_name(image_size, num_train, num_val, num_test, seed),
+  if version not in VERSIONS:
+    raise ValueError(f"captioned shapes version={version!r} is unknown; use one of {VERSIONS}")
+  backgrounds = shapes_v2.check_backgrounds(backgrounds)
+  config = ShapesConfig(name=config_name(image_size, num_train, num_val, num_test, seed,
+                                         backgrounds if version >= 2 else
+                                         shapes_v2.DEFAULT_BACKGROUNDS),
                         image_size=image_size, num_train=num_train, num_val=num_val,
-                        num_test=num_test, seed=seed)
-  make = lambda: CaptionedShapes(data_dir=data_dir or None, config=config,  # noqa: E731
-                                 file_format="array_record")
+                        num_test=num_test, seed=seed, backgrounds=backgrounds)
+  cls = CaptionedShapes if version == 2 else CaptionedShapesV1
+  make = lambda: cls(data_dir=data_dir or None, config=config,  # noqa: E731
+                     file_format="array_record")
   builder = make()
   if builder.is_prepared():
     return builder
@@ -308,7 +415,11 @@ def prepare_shapes(data_dir, *, image_size, num_train, num_val, num_test, seed=0
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
       if not builder.is_prepared():  # another process may have built it meanwhile
+        start = time.perf_counter()
         builder.download_and_prepare(file_format="array_record")
+        print(f"captioned shapes {tfds_version(version)} {config.name}: generated "
+              f"{num_train + num_val + num_test:,} images in {time.perf_counter() - start:.1f} s",
+              flush=True)
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
   # A fresh builder reads the split sizes from disk, whoever wrote them.

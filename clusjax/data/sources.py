@@ -12,6 +12,7 @@ import numpy as np
 from tensorflow_datasets.core import read_only_builder
 
 from clusjax.data import shapes
+from clusjax.data.damage import JsonlLines
 
 NAMES = ("shapes", "tfds", "jsonl", "easy_vqa")
 # Split aliases, so eval_split="validation" also works for the built-in set.
@@ -53,8 +54,9 @@ class ShapesSource:
     for key in ("kind", "colour", "size", "position"):
       out[key] = np.asarray(r[key], np.int32)
     if n > 1:
-      out["caption"] = shapes.caption_variants(out["kind"], out["colour"], out["size"],
-                                               out["position"], image_index, n)[j]
+      out["caption"] = shapes.caption_variants(
+          out["kind"], out["colour"], out["size"], out["position"], image_index, n,
+          _text(r["background"]) if "background" in r else "black")[j]
       out["image_id"] = image_index
     return out
 
@@ -153,26 +155,33 @@ class JsonlSource:
   record index, the paired protocol.
 
   Image paths are relative to the JSONL's folder (or absolute). The file is
-  parsed at construction (a malformed line or a missing key raises ValueError
-  naming file and line); image bytes are read lazily in `__getitem__`, where
-  a missing file gives image=None (a bad record the pipeline skips).
+  parsed at construction, where malformed lines are skipped and counted in
+  `skipped` (reason -> count, `clusjax.data.damage`; a file mostly malformed
+  or with no usable line raises DataError naming file:line); image bytes are
+  read lazily in `__getitem__` (a missing file gives image=None), and the
+  pipeline's decode skips and counts damaged images and captions.
   """
 
   def __init__(self, path):
     self.path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(self.path))
     self._paths = []     # [image path], by image id
     self._items = []     # [(image id, caption)], by record
     ids = {}             # normalised image path -> image id
-    for where, entry in jsonl_entries(self.path, (), ""):
-      captions = _jsonl_captions(entry, where)
-      image = os.path.join(folder, os.path.expanduser(str(entry["image"])))
+    lines = JsonlLines(self.path)
+    for where, entry in lines:
+      try:
+        captions = _jsonl_captions(entry, where)
+        image = lines.image_path(entry, "image", where)
+      except ValueError as e:
+        lines.skip("bad_fields", where, str(e))
+        continue
       # Normalised so "img/0.png" and "/abs/set/img/0.png" are one image.
       key = os.path.normpath(image)
       if key not in ids:
         ids[key] = len(self._paths)
         self._paths.append(image)
       self._items.extend((ids[key], c) for c in captions)
+    self.skipped = lines.done(len(self._items))
 
   @property
   def num_images(self):
@@ -200,28 +209,10 @@ def read_image_bytes(path):
 
 
 def jsonl_entries(path, required, hint):
-  """Yields (where "file:line", dict) for each non-blank line of a JSONL file.
-
-  Raises ValueError naming file:line on malformed JSON, a non-object line or
-  a missing key of `required` (`hint` shows the expected line).
-  """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"JSONL file {path!r} does not exist")
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{line_no}"
-      try:
-        entry = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: malformed JSON ({e.msg}): {line.strip()[:80]!r}") from None
-      if not isinstance(entry, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(entry).__name__}")
-      missing = [k for k in required if k not in entry]
-      if missing:
-        raise ValueError(f"{where}: missing key(s) {missing}; each line needs {hint}")
-      yield where, entry
+  """Yields (where "file:line", dict) for each usable line of a JSONL file
+  (`damage.JsonlLines`, whose `skip` / `caption_ok` / `done` this form lacks:
+  sources use JsonlLines itself so their skips are counted)."""
+  return iter(JsonlLines(path, required, hint))
 
 
 def _jsonl_captions(entry, where):
@@ -235,7 +226,7 @@ def _jsonl_captions(entry, where):
   if len(has) == 2:
     raise ValueError(f'{where}: has both "caption" and "captions"; keep one ({usage})')
   if has == ["caption"]:
-    return [str(entry["caption"])]
+    return [JsonlLines.text(entry["caption"], "caption", where)]
   captions = entry["captions"]
   if not isinstance(captions, list) or not captions:
     raise ValueError(f'{where}: "captions" must be a non-empty list of strings, got '
@@ -244,7 +235,7 @@ def _jsonl_captions(entry, where):
   if bad:
     raise ValueError(f'{where}: "captions"[{bad[0]}] is {json.dumps(captions[bad[0]])[:80]}, '
                      "not a string")
-  return captions
+  return [JsonlLines.text(c, "captions", where) for c in captions]
 
 
 def _open_tfds(name, split, data_dir):
@@ -300,7 +291,10 @@ def make_source(data_config, split, task="pretrain"):
     builder = shapes.prepare_shapes(
         data_config.data_dir, image_size=data_config.image_size,
         num_train=data_config.shapes_num_train, num_val=data_config.shapes_num_val,
-        num_test=data_config.shapes_num_test, seed=data_config.seed)
+        num_test=data_config.shapes_num_test, seed=data_config.seed,
+        # A workdir's config from before v2 has no shapes_version: it was trained on v1.
+        version=data_config.get("shapes_version", 1),
+        backgrounds=tuple(data_config.get("shapes_backgrounds", shapes.DEFAULT_BACKGROUNDS)))
     records = builder.as_data_source(split=_SHAPES_SPLITS[split])
     if task == "vqa":
       from clusjax.data.vqa import ShapesVqaSource
@@ -309,6 +303,11 @@ def make_source(data_config, split, task="pretrain"):
     if task == "nlvr2":
       from clusjax.data.nlvr import ShapesNlvrSource
       return ShapesNlvrSource(ShapesSource(records), seed=data_config.seed)
+    if task == "caption":   # canonical captions, novel objects out of train (data/captions.py)
+      from clusjax.data.captions import ShapesCaptionSource
+      return ShapesCaptionSource(records, captions_per_image=data_config.captions_per_image,
+                                 novel_objects=data_config.get("novel_objects", ()),
+                                 drop_novel=_SHAPES_SPLITS[split] == "train")
     return ShapesSource(records, data_config.get("captions_per_image", 1))
   if name == "easy_vqa":
     from clusjax.data.vqa import EasyVqaSource

@@ -18,7 +18,8 @@ import os
 import numpy as np
 
 from clusjax.data import shapes
-from clusjax.data.sources import jsonl_entries, read_image_bytes
+from clusjax.data.damage import JsonlLines
+from clusjax.data.sources import read_image_bytes
 
 # ---------------------------------------------------------------------------
 # Answers: soft scores and the vocabulary.
@@ -287,34 +288,41 @@ class VqaJsonlSource:
 
   A single `"answer": <str>` may stand for "answers"; "question_type" is
   optional ("" when absent). Image paths are relative to the JSONL's folder
-  (or absolute). The file is parsed at construction (a bad line raises
-  ValueError naming file:line); images are read lazily, a missing one gives
-  image=None.
+  (or absolute). The file is parsed at construction, damaged lines skipped
+  and counted in `skipped` as JsonlSource's; images are read lazily, a
+  missing one gives image=None.
   """
 
   _HINT = '{"image": <path>, "question": <text>, "answers": [<text>, ...]}'
 
   def __init__(self, path):
     self.path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(self.path))
     self._items = []  # [(image path, question, answers, question_type)]
-    for where, entry in jsonl_entries(self.path, ("image", "question"), self._HINT):
-      if "answers" in entry:
-        answers = entry["answers"]
-        if (not isinstance(answers, list) or not answers
-            or not all(isinstance(a, str) for a in answers)):
-          raise ValueError(f"{where}: \"answers\" must be a non-empty list of strings, "
-                           f"got {answers!r}")
-      elif "answer" in entry:
-        if not isinstance(entry["answer"], str):
-          raise ValueError(f"{where}: \"answer\" must be a string, got {entry['answer']!r}")
-        answers = [entry["answer"]]
-      else:
-        raise ValueError(f"{where}: missing key \"answers\" (or \"answer\"); each line "
-                         f"needs {self._HINT}")
-      image = os.path.join(folder, os.path.expanduser(str(entry["image"])))
-      self._items.append((image, str(entry["question"]), list(answers),
-                          str(entry.get("question_type", ""))))
+    lines = JsonlLines(self.path, ("image", "question"), self._HINT)
+    for where, entry in lines:
+      try:
+        self._parse(lines, where, entry)
+      except ValueError as e:   # counted; too many raise (clusjax.data.damage)
+        lines.skip("bad_fields", where, str(e))
+    self.skipped = lines.done(len(self._items))
+
+  def _parse(self, lines, where, entry):
+    if "answers" in entry:
+      answers = entry["answers"]
+      if (not isinstance(answers, list) or not answers
+          or not all(isinstance(a, str) for a in answers)):
+        raise ValueError(f"{where}: \"answers\" must be a non-empty list of strings, "
+                         f"got {answers!r}")
+    elif "answer" in entry:
+      if not isinstance(entry["answer"], str):
+        raise ValueError(f"{where}: \"answer\" must be a string, got {entry['answer']!r}")
+      answers = [entry["answer"]]
+    else:
+      raise ValueError(f"{where}: missing key \"answers\" (or \"answer\"); each line "
+                       f"needs {self._HINT}")
+    self._items.append((lines.image_path(entry, "image", where),
+                        lines.text(entry["question"], "question", where), list(answers),
+                        str(entry.get("question_type", ""))))
 
   def __len__(self):
     return len(self._items)

@@ -10,12 +10,13 @@ import os
 import jax
 
 from clusjax import workdir as wd
+from clusjax.eval.caption import CaptionEvaluator
 from clusjax.eval.retrieval import RetrievalEvaluator, recall_at_k
 from clusjax.eval.downstream import Nlvr2Evaluator, VqaEvaluator
-from clusjax.eval.zeroshot import ZeroShotEvaluator
+from clusjax.eval.zeroshot import TransferEvaluator, ZeroShotEvaluator
 
-EVALUATORS = {e.name: e for e in (RetrievalEvaluator, ZeroShotEvaluator, VqaEvaluator,
-                                  Nlvr2Evaluator)}
+EVALUATORS = {e.name: e for e in (RetrievalEvaluator, ZeroShotEvaluator, TransferEvaluator,
+                                  VqaEvaluator, Nlvr2Evaluator, CaptionEvaluator)}
 
 
 def evaluate(config, model, workdir=None):
@@ -27,7 +28,10 @@ def evaluate(config, model, workdir=None):
   is_main = jax.process_index() == 0
   results = {}
   for name in config.eval.evaluators:
-    for metric, value in EVALUATORS[name](config).run(model):
+    evaluator = EVALUATORS[name](config)
+    if hasattr(evaluator, "workdir"):   # writes files beside the scores (captions.jsonl)
+      evaluator.workdir = workdir
+    for metric, value in evaluator.run(model):
       results[f"{name}/{metric}"] = value
       if is_main:
         print(f"  {name}/{metric}: {value:.4f}" if isinstance(value, float)
@@ -38,5 +42,5 @@ def evaluate(config, model, workdir=None):
   return results
 
 
-__all__ = ["EVALUATORS", "evaluate", "recall_at_k", "Nlvr2Evaluator", "RetrievalEvaluator",
-           "VqaEvaluator", "ZeroShotEvaluator"]
+__all__ = ["EVALUATORS", "evaluate", "recall_at_k", "CaptionEvaluator", "Nlvr2Evaluator",
+           "RetrievalEvaluator", "TransferEvaluator", "VqaEvaluator", "ZeroShotEvaluator"]

@@ -72,14 +72,49 @@ def mean_top1_probability(similarity, logit_scale):
   return float(probs.max(axis=1).mean())
 
 
+# What a re-ranked candidate is scored by (config.eval.rerank_score): itm = the ITM
+# log-odds of a match (ALBEF); itm+itc = those plus the ITC logit (cosine x the
+# learned logit scale): the two heads as a product of experts, as BLIP adds its ITM
+# score to the ITC similarity. benchmarks/itm_negatives.py compares them per negative type.
+RERANK_SCORES = ("itm", "itm+itc")
+
+
+def rerank_pair_scores(name, itc_similarity, itm_log_odds, logit_scale):
+  """The re-ranking score `name` (RERANK_SCORES) of pairs: cosines [P], log-odds [P] -> [P]."""
+  if name == "itm":
+    return np.asarray(itm_log_odds, np.float64)
+  if name == "itm+itc":
+    return np.asarray(itm_log_odds, np.float64) + logit_scale * np.asarray(itc_similarity,
+                                                                           np.float64)
+  raise ValueError(f"re-ranking score {name!r} is unknown; use one of {RERANK_SCORES}")
+
+
+def negative_type(query, candidate):
+  """How two built-in shapes scenes (records with num_shapes, kind, colour, size,
+  position) differ: count | position (the same number of shapes, other places) |
+  colour | kind | size (one attribute of the shapes at the same places) | several |
+  same_scene (a true match that another image or caption draws)."""
+  n = int(query["num_shapes"])
+  if n != int(candidate["num_shapes"]):
+    return "count"
+  order_q, order_c = (np.argsort(np.asarray(r["position"])[:n]) for r in (query, candidate))
+  if not np.array_equal(np.asarray(query["position"])[:n][order_q],
+                        np.asarray(candidate["position"])[:n][order_c]):
+    return "position"
+  differ = [key for key in ("colour", "kind", "size")
+            if not np.array_equal(np.asarray(query[key])[:n][order_q],
+                                  np.asarray(candidate[key])[:n][order_c])]
+  return differ[0] if len(differ) == 1 else "several" if differ else "same_scene"
+
+
 def rerank_scores(similarity, k, pair_scores):
   """ALBEF re-ranking: each query's ITC top-k re-scored by ITM.
 
   Args:
     similarity: [N_img, N_txt] ITC scores.
     k: candidates per query.
-    pair_scores: fn(image_index [P], text_index [P]) -> ITM scores [P]
-      (higher = better match).
+    pair_scores: fn(image_index [P], text_index [P]) -> re-ranking scores [P]
+      (higher = better match; see rerank_pair_scores).
   Returns:
     (i2t scores, t2i scores), both [N_img, N_txt]: a query's top-k come
     first, in ITM order; the rest keep their ITC order below them.
@@ -135,7 +170,8 @@ def load_eval_pairs(config, tokenizer, num_examples):
 
 class RetrievalEvaluator:
   """R@1/5/10 image->text and text->image by ITC similarity, then (with
-  `config.eval.rerank_k` > 0) with the ITC top-k re-ranked by ITM, as ALBEF:
+  `config.eval.rerank_k` > 0) with the ITC top-k re-ranked by ITM, as ALBEF
+  (or by ITM and ITC together: config.eval.rerank_score):
   `rerank_i2t_r1`, ...; `rsum` is the sum of the six recalls. With several
   captions per image (records with "image_id"), the COCO / Flickr protocol:
   an image's hit is any of its captions, a caption's its image."""
@@ -165,7 +201,8 @@ class RetrievalEvaluator:
           logits = model.itm_logits(image_tokens[ii], text_tokens[jj], text_mask[jj],
                                     image_feats[ii], text_feats[jj])
           out.append(logits[:, 1] - logits[:, 0])   # log-odds of a match
-        return np.concatenate(out)
+        return rerank_pair_scores(self.config.eval.get("rerank_score", "itm"), sim[i, j],
+                                  np.concatenate(out), model.logit_scale)
       i2t, t2i = rerank_scores(sim, k, pair_scores)
       for key, value in recall_at_k(i2t, t2i_similarity=t2i, text_image=text_image).items():
         yield f"rerank_{key}", value

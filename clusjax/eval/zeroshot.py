@@ -1,10 +1,17 @@
-"""Zero-shot classification on single-shape images: classes = colour x kind."""
+"""Zero-shot classification on single-shape images: classes = colour x kind.
+
+`zeroshot` classifies the eval split's one-shape images; `zeroshot_transfer` the
+same classes drawn by an independent renderer (clusjax/data/shapes_transfer.py),
+with colour and kind accuracies apart: a model that learned one renderer's pixels
+rather than shapes scores high on the first and low on the second's kind.
+"""
 import itertools
 
 import numpy as np
 
 from clusjax.data import decode_record, make_source
 from clusjax.data.shapes import COLOURS, KINDS, POSITION_PHRASES, SIZES
+from clusjax.data.shapes_transfer import make_transfer_set
 
 # A prompt ensemble (CLIP style): each class embedding is the normalised mean
 # of its prompts' embeddings. The class (colour x kind) is put into a photo
@@ -58,3 +65,25 @@ class ZeroShotEvaluator:
     logits = model.encode_image(images) @ class_embeddings(model).T
     yield "num_examples", len(labels)
     yield "accuracy", float(np.mean(np.argmax(logits, axis=1) == labels))
+
+
+class TransferEvaluator:
+  """Zero-shot top-1 over the 40 colour x kind classes on images of another renderer
+  (config.eval.transfer_examples of them, half at the centre and large, half at
+  random places and sizes), and the colour and kind of the top class apart:
+  `accuracy`, `colour` (chance 1/8), `kind` (chance 1/5)."""
+  name = "zeroshot_transfer"
+
+  def __init__(self, config):
+    self.config = config
+
+  def run(self, model):
+    images, colour, kind = make_transfer_set(self.config.eval.transfer_examples,
+                                             self.config.data.image_size,
+                                             seed=self.config.data.seed)
+    logits = np.asarray(model.encode_image(images)) @ class_embeddings(model).T
+    pred_colour, pred_kind = np.divmod(np.argmax(logits, axis=1), len(KINDS))
+    yield "num_examples", len(images)
+    yield "accuracy", float(np.mean((pred_colour == colour) & (pred_kind == kind)))
+    yield "colour", float(np.mean(pred_colour == colour))
+    yield "kind", float(np.mean(pred_kind == kind))

@@ -209,7 +209,12 @@ def export_pytorch(workdir, out_dir=None, *, overwrite=False):
   failed export leaves no half-written out_dir.
   """
   out_dir = os.path.abspath(out_dir or wd.path(workdir, EXPORT_DIR))
-  wd.load_config(workdir)   # names a non-workdir before anything else
+  config = wd.load_config(workdir)   # names a non-workdir before anything else
+  stem = config.model.vision.get("stem", "patch")
+  if stem != "patch":
+    raise ValueError(f"{workdir}: config.model.vision.stem={stem!r} has no transformers "
+                     "ViTModel counterpart (its patch embedding is one linear projection); "
+                     "export needs stem='patch'.")
   step = _latest_step(workdir)
   _check_out_dir(out_dir, overwrite)
   pretrained = load_pretrained(workdir, step=step)

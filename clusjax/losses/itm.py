@@ -47,12 +47,17 @@ def itm_pairs(images, texts, neg_text, neg_image):
   return pair_images, pair_texts, labels
 
 
-def itm_loss(logits, labels):
-  """Mean binary cross-entropy of match logits [N, 2] against labels [N].
+def itm_loss(logits, labels, weights=None):
+  """Mean binary cross-entropy of match logits [N, 2] against labels [N]; with
+  weights [N] (e.g. 0 for a pair that does not exist) the weighted mean.
 
   Returns (loss, accuracy).
   """
   log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  loss = -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=-1))
-  accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
-  return loss, accuracy
+  nll = -jnp.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]
+  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  if weights is None:
+    return jnp.mean(nll), jnp.mean(correct)
+  w = weights.astype(jnp.float32)
+  total = jnp.maximum(jnp.sum(w), 1.0)
+  return jnp.sum(w * nll) / total, jnp.sum(w * correct) / total

@@ -46,18 +46,26 @@ class BertEncoder(nn.Module):
   scan_layers: bool = False           # config.scan_layers: the layers as one lax.scan
 
   @nn.compact
-  def __call__(self, ids, mask=None, deterministic=True):
+  def __call__(self, ids, mask=None, deterministic=True, positions=None, cache=None,
+               cache_index=None):
     """Encodes token ids.
 
     Args:
       ids: int32 [B, L], L <= max_len.
       mask: bool [B, L]; True = real token, False = padding (masked out of
         every attention as keys; padded positions still get outputs, which
-        callers ignore). None = all real.
+        callers ignore). Or [B, L, Lk], per query (captioning's causal mask;
+        Lk = L, or the cache length when decoding). None = all real.
       deterministic: False applies dropout with the 'dropout' rng.
+      positions: int32 [1 or B, L], the tokens' positions (default 0..L-1);
+        decoding passes where in the sequence the new tokens are.
+      cache, cache_index: decoding (clusjax/models/decode.py): one
+        {"self": {"k", "v"} [B, Lk, H, D]} per layer, the new tokens written
+        at cache_index.
 
     Returns:
-      last_hidden_state [B, L, width] in self.dtype; token 0 is CLS.
+      last_hidden_state [B, L, width] in self.dtype; token 0 is CLS. With
+      `cache`: (that, the updated caches).
     """
     if ids.ndim != 2:
       raise ValueError(f"BertEncoder expects ids [B, L]; got shape {ids.shape}.")
@@ -65,7 +73,7 @@ class BertEncoder(nn.Module):
     if length > self.max_len:
       raise ValueError(f"BertEncoder: sequence length {length} exceeds max_len={self.max_len}; "
                        f"truncate the text or build the model with max_len >= {length}.")
-    if mask is not None and mask.shape != ids.shape:
+    if mask is not None and mask.shape[:2] != ids.shape:
       raise ValueError(f"mask has shape {mask.shape}; expected ids.shape={ids.shape}.")
 
     # Lookups stay float32: the sum feeds a float32 LayerNorm right away.
@@ -73,7 +81,8 @@ class BertEncoder(nn.Module):
     token_type = Embed(self.type_vocab_size, self.width, (None, "embed"),
                        name="token_type_embeddings")(jnp.zeros_like(ids))
     position = Embed(self.max_len, self.width, (None, "embed"),
-                     name="position_embeddings")(jnp.arange(length)[None, :])
+                     name="position_embeddings")(
+                         jnp.arange(length)[None, :] if positions is None else positions)
     # HF's summation order ((word + type) + position), for bit-level agreement.
     x = constrain((word + token_type) + position, ACT_EMBED)
     x = LayerNorm(self.layer_norm_eps, self.dtype, name="embed_norm")(x)
@@ -83,6 +92,16 @@ class BertEncoder(nn.Module):
     kv_mask = None if mask is None else mask.astype(bool)
     layer = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=False,
                  dropout=self.dropout, dtype=self.dtype, layer_norm_eps=self.layer_norm_eps)
-    return run_layers(self, {"layer": (TransformerBlock, layer, (3,), "layer_{}")},
-                      range(self.depth), lambda x, b: b["layer"](x, kv_mask, deterministic), x,
-                      deterministic=deterministic, remat=self.remat, scan=self.scan_layers)
+    blocks = {"layer": (TransformerBlock, layer, (3,), "layer_{}")}
+    if cache is None:
+      return run_layers(self, blocks, range(self.depth),
+                        lambda x, b: b["layer"](x, kv_mask, deterministic), x,
+                        deterministic=deterministic, remat=self.remat, scan=self.scan_layers)
+
+    def cached(carry, b):   # decoding: the same blocks, each with its cache
+      x, done = carry
+      x, c = b["layer"](x, kv_mask, deterministic, cache=cache[len(done)],
+                        cache_index=cache_index)
+      return x, done + [c]
+    return run_layers(self, blocks, range(self.depth), cached, (x, []),
+                      deterministic=deterministic)

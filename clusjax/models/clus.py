@@ -72,7 +72,8 @@ class ClusModel(nn.Module):
     self.vision = ViT(
         patch_size=cfg.vision.patch_size, width=cfg.vision.width, depth=cfg.vision.depth,
         num_heads=cfg.vision.num_heads, mlp_dim=cfg.vision.mlp_dim, dropout=cfg.dropout,
-        dtype=self.dtype, remat=self.remat, scan_layers=self.scan_layers)
+        dtype=self.dtype, remat=self.remat, scan_layers=self.scan_layers,
+        stem=cfg.vision.get("stem", "patch"))
     self.text = BertEncoder(
         vocab_size=self.vocab_size, width=cfg.text.width, depth=cfg.text.depth,
         num_heads=cfg.text.num_heads, mlp_dim=cfg.text.mlp_dim, max_len=self.max_text_len,
@@ -163,8 +164,43 @@ class ClusModel(nn.Module):
     """Encodes (masked) ids, fuses them with the images -> logits [B, L, V] float32."""
     text_tokens, _ = self.encode_text(ids, mask, deterministic)
     _, txt = self.fusion(image_tokens, text_tokens, mask, deterministic, outputs="text")
+    return self._token_logits(txt)
+
+  def _token_logits(self, txt):
+    """The MLM head: fused text tokens [B, L, Wt] -> logits [B, L, V] float32."""
     h = nn.gelu(self.mlm_transform(txt), approximate=False)
     return self.mlm_decoder(self.mlm_norm(h))
+
+  def caption_logits(self, image_tokens, ids, mask, deterministic=True):
+    """Captioning's seq2seq forward (paper Fig. 6e; UniLM / VLMo masked fine-tuning):
+    image tokens [B, Li, Wv] (`encode_image`), ids / mask [B, L] (some ids [MASK])
+    -> logits [B, L, V] float32 from the MLM head. Text position i sees every image
+    token and the text positions <= i (`seq2seq_mask`), in the text tower and in
+    the fusion's text stream (FusionEncoder outputs="caption")."""
+    causal = seq2seq_mask(mask)
+    text = self.text(ids, causal, deterministic)
+    _, txt = self.fusion(image_tokens, text, causal, deterministic, outputs="caption")
+    return self._token_logits(txt)
+
+  def caption_step(self, image_tokens, ids, index, cache):
+    """One decoding step of `caption_logits` with per-layer key/value caches.
+
+    image_tokens [B, Li, Wv]; ids int32 [B, n] at positions index .. index + n - 1;
+    cache: `empty_caption_cache`'s layout, holding the keys/values of the positions
+    before `index` (and, after the first call, the cross-attention's of the image).
+    Returns (logits [B, n, V] float32, the updated cache): what `caption_logits`
+    gives at those positions for the same tokens before them.
+    """
+    n = ids.shape[1]
+    length = cache["text"][0]["self"]["k"].shape[1]
+    query_pos = index + jnp.arange(n)
+    visible = jnp.arange(length)[None, :] <= query_pos[:, None]   # causal: [n, Lc]
+    mask = jnp.broadcast_to(visible, (ids.shape[0], n, length))
+    text, text_cache = self.text(ids, mask, positions=query_pos[None], cache=cache["text"],
+                                 cache_index=index)
+    _, txt, fusion_cache = self.fusion(image_tokens, text, mask, outputs="caption",
+                                       cache=cache["fusion"], cache_index=index)
+    return self._token_logits(txt), {"text": text_cache, "fusion": fusion_cache}
 
   def task_features(self, image_tokens, text_tokens, text_mask, image2_tokens=None,
                     deterministic=True):
@@ -208,6 +244,30 @@ class ClusModel(nn.Module):
     if self.siglip:
       out.update(siglip_log_temperature=self.siglip_log_temperature, siglip_bias=self.siglip_bias)
     return out
+
+
+def seq2seq_mask(mask):
+  """Text key mask [B, L] -> per-query mask [B, L, L]: query i sees the real keys j <= i
+  (captioning; the image tokens, in cross-attention, stay fully visible)."""
+  mask = mask.astype(bool)
+  length = mask.shape[1]
+  causal = jnp.arange(length)[None, :] <= jnp.arange(length)[:, None]
+  return causal[None] & mask[:, None, :]
+
+
+def empty_caption_cache(model_config, batch, length, dtype=jnp.float32):
+  """Zero key/value caches for `ClusModel.caption_step`: per text-tower layer
+  {"self": {"k", "v"}}, per fusion text block {"self": ..., "cross": {}} (the
+  cross-attention's keys/values of the image, computed by the first step), each
+  [batch, length, heads, width / heads]."""
+  text = model_config.text
+  heads = text.num_heads   # the fusion blocks use the text tower's heads and width
+  shape = (batch, length, heads, text.width // heads)
+
+  def kv():
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  return {"text": [{"self": kv()} for _ in range(text.depth)],
+          "fusion": [{"self": kv(), "cross": {}} for _ in range(model_config.fusion_depth)]}
 
 
 # The embedding table is padded to a multiple of this so that it splits evenly

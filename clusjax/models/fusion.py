@@ -62,21 +62,53 @@ class FusionEncoder(nn.Module):
     return {role: (TransformerBlock, kwargs, static, fmt) for role, fmt in name_formats.items()}
 
   @nn.compact
-  def __call__(self, image_tokens, text_tokens, text_mask, deterministic=True, outputs="all"):
+  def __call__(self, image_tokens, text_tokens, text_mask, deterministic=True, outputs="all",
+               cache=None, cache_index=None):
     """Fuses the streams.
 
     outputs: which results the caller reads; the co-attention fusion skips the
     rest of its last block (same values where computed):
       "all"  (image tokens [B, Li, E], text tokens [B, Lt, E]);
       "cls"  (image CLS [B, 1, E], text CLS [B, 1, E])    -- ITM;
-      "text" (None, text tokens [B, Lt, E])               -- MLM.
+      "text" (None, text tokens [B, Lt, E])               -- MLM;
+      "caption" (None, text tokens [B, Lt, E])            -- captioning: see below.
+
+    "caption" runs the text stream alone as a decoder (UniLM / VLMo's seq2seq
+    mask): each text block attends to the text with `text_mask` [B, Lt, Lk]
+    (causal) and cross-attends to `image_tokens`, the image tower's output,
+    at every layer. Why the text stream and not a decoder config beside it:
+    its self-attention, cross-attention into the image and MLP are the
+    pre-trained fusion weights (a decoder config would start its
+    cross-attention from scratch and repeat the block code). Why the tower's
+    image tokens: the image stream of co-attention reads the whole text, so
+    text position i would see the words after i through it; without it the
+    image side is one ViT pass per image, fixed while a caption is decoded.
+    With `cache` (one {"self", "cross"} per layer, see TransformerBlock) and
+    `cache_index`, returns (None, text tokens, the updated caches).
     """
-    if outputs not in ("all", "cls", "text"):
-      raise ValueError(f"outputs={outputs!r} must be 'all', 'cls' or 'text'.")
+    if outputs not in ("all", "cls", "text", "caption"):
+      raise ValueError(f"outputs={outputs!r} must be 'all', 'cls', 'text' or 'caption'.")
     text_mask = text_mask.astype(bool)
     image_mask = jnp.ones(image_tokens.shape[:2], bool)
     run = functools.partial(run_layers, self, deterministic=deterministic, remat=self.remat,
                             scan=self.scan_layers)
+    if outputs == "caption":
+      if self.kind != "co_attention":
+        raise ValueError(f"captioning runs the text stream of config.model.fusion="
+                         f"'co_attention'; {self.kind!r} has none: use co_attention.")
+      blocks = self._blocks(True, text="text_block_{}")
+      if cache is None:
+        return None, run(blocks, range(self.depth), lambda txt, b: b["text"](
+            txt, text_mask, deterministic, image_tokens, image_mask, None), text_tokens)
+
+      def cached(carry, b):
+        txt, done = carry
+        txt, c = b["text"](txt, text_mask, deterministic, image_tokens, image_mask,
+                           cache=cache[len(done)], cache_index=cache_index)
+        return txt, done + [c]
+      txt, new_cache = run_layers(self, blocks, range(self.depth), cached, (text_tokens, []),
+                                  deterministic=deterministic)
+      return None, txt, new_cache
     if self.kind == "co_attention":
       blocks = self._blocks(True, image="image_block_{}", text="text_block_{}")
 

@@ -171,28 +171,47 @@ class MultiHeadAttention(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv, kv_mask=None, deterministic=True):
+  def __call__(self, inputs_q, inputs_kv, kv_mask=None, deterministic=True, cache=None,
+               cache_index=None):
     """Attends from inputs_q to inputs_kv.
 
     Args:
       inputs_q: [B, Lq, Eq].
       inputs_kv: [B, Lk, Ekv].
-      kv_mask: optional bool [B, Lk]; True = real token. False keys get no
-        weight (a query row whose keys are all masked gets uniform weights,
-        like HF's additive float-min mask).
+      kv_mask: optional bool [B, Lk], or [B, Lq, Lk] (per query: a causal or
+        seq2seq mask); True = real token. False keys get no weight (a query
+        row whose keys are all masked gets uniform weights, like HF's
+        additive float-min mask).
       deterministic: False applies dropout with the 'dropout' rng.
+      cache: decoding only (clusjax/models/decode.py), a dict of keys/values
+        [B, Lc, H, D]:
+        - with `cache_index` (self-attention): {"k", "v"} of the Lc positions;
+          the keys/values of inputs_kv are written at cache_index
+          (dynamic_update_slice) and the queries attend over all Lc
+          (kv_mask [B, Lq, Lc] says which are visible);
+        - without: {"k", "v"} computed once (cross-attention over the image):
+          used as they are, inputs_kv is not read; {} computes them.
+      cache_index: int32 scalar, the position of inputs_kv[:, 0] in the cache.
 
     Returns:
-      [B, Lq, out_features or Eq] in self.dtype.
+      [B, Lq, out_features or Eq] in self.dtype; with `cache`, (that, the
+      updated cache).
     """
     out_features = self.out_features or inputs_q.shape[-1]
     qkv_shape = (self.num_heads, self.head_dim)
     names = ("embed", "heads", "kv")
     inputs_q = inputs_q.astype(self.dtype)
-    inputs_kv = inputs_kv.astype(self.dtype)
     q = dense(qkv_shape, names, dtype=self.dtype, name="query")(inputs_q)
-    k = dense(qkv_shape, names, dtype=self.dtype, name="key")(inputs_kv)
-    v = dense(qkv_shape, names, dtype=self.dtype, name="value")(inputs_kv)
+    if cache is not None and cache_index is None and "k" in cache:
+      k, v = cache["k"], cache["v"]   # fixed keys/values, computed once
+    else:
+      inputs_kv = inputs_kv.astype(self.dtype)
+      k = dense(qkv_shape, names, dtype=self.dtype, name="key")(inputs_kv)
+      v = dense(qkv_shape, names, dtype=self.dtype, name="value")(inputs_kv)
+      if cache_index is not None:   # the new positions into the per-layer cache
+        start = (0, cache_index, 0, 0)
+        k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+        v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
     q, k, v = (constrain(t, ACT_HEADS) for t in (q, k, v))   # [B, L, H, D]
 
     # Logits in float32 even for bf16 inputs (their backward matmuls stay bf16);
@@ -200,11 +219,13 @@ class MultiHeadAttention(nn.Module):
     logits = einsum_f32("bqhd,bkhd->bhqk", q, k)
     logits = logits * (self.head_dim ** -0.5)
     if kv_mask is not None:
-      if kv_mask.shape != inputs_kv.shape[:2]:
-        raise ValueError(f"kv_mask has shape {kv_mask.shape}; expected [B, Lk] = "
-                         f"{inputs_kv.shape[:2]} to match inputs_kv {inputs_kv.shape}.")
+      b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+      if kv_mask.shape not in ((b, lk), (b, lq, lk)):
+        raise ValueError(f"kv_mask has shape {kv_mask.shape}; expected [B, Lk] = {(b, lk)} or "
+                         f"[B, Lq, Lk] = {(b, lq, lk)} to match the keys {k.shape}.")
       big_neg = jnp.finfo(jnp.float32).min
-      logits = jnp.where(kv_mask[:, None, None, :].astype(bool), logits, big_neg)
+      visible = kv_mask[:, None, None, :] if kv_mask.ndim == 2 else kv_mask[:, None]
+      logits = jnp.where(visible.astype(bool), logits, big_neg)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)   # [B, H, Lq, Lk]
     probs = nn.Dropout(self.dropout)(probs, deterministic=deterministic)
 
@@ -212,7 +233,8 @@ class MultiHeadAttention(nn.Module):
     ctx = constrain(ctx, ACT_HEADS)
     out = dense(out_features, ("heads", "kv", "embed"), axis=(-2, -1),
                 dtype=self.dtype, name="out")(ctx)
-    return constrain(out, ACT_EMBED)
+    out = constrain(out, ACT_EMBED)
+    return out if cache is None else (out, {"k": k, "v": v})
 
 
 class Mlp(nn.Module):
@@ -256,13 +278,16 @@ class TransformerBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic=True, context=None, context_mask=None,
-               num_queries=None):
-    """x: [B, L, E]; mask: optional bool [B, L] over keys -> [B, L, E].
+               num_queries=None, cache=None, cache_index=None):
+    """x: [B, L, E]; mask: optional bool [B, L] over keys (or [B, L, Lk] per
+    query: causal / seq2seq) -> [B, L, E].
 
     context: [B, Lc, Ec] (required with cross_attention); context_mask:
     optional bool [B, Lc]. num_queries: compute only the first n outputs
     ([B, n, E]; all L tokens still serve as keys/values), exactly what the
     full block gives there: a last block whose caller reads only CLS.
+    cache, cache_index: decoding (see MultiHeadAttention): cache = {"self":
+    {"k", "v"}[, "cross": {"k", "v"} or {}]}; returns (x, the updated cache).
     """
     if self.cross_attention != (context is not None):
       raise ValueError(f"TransformerBlock(cross_attention={self.cross_attention}) called "
@@ -284,21 +309,34 @@ class TransformerBlock(nn.Module):
 
     x = constrain(x.astype(self.dtype), ACT_EMBED)
     n = x.shape[1] if num_queries is None else num_queries
+    if mask is not None and mask.ndim == 3:
+      mask = mask[:, :n]
+    new_cache = {}
+
+    def attend(module, role, q, kv, kv_mask, index):
+      if cache is None:
+        return module(q, kv, kv_mask, deterministic)
+      y, new_cache[role] = module(q, kv, kv_mask, deterministic, cache=cache.get(role, {}),
+                                  cache_index=index)
+      return y
+
     if self.pre_norm:
       h = norm1(x)
-      x = x[:, :n] + drop(attn(h[:, :n], h, mask, deterministic), deterministic=deterministic)
+      x = x[:, :n] + drop(attend(attn, "self", h[:, :n], h, mask, cache_index),
+                          deterministic=deterministic)
       if self.cross_attention:
-        x = x + drop(cross(norm_cross(x), context, context_mask, deterministic),
+        x = x + drop(attend(cross, "cross", norm_cross(x), context, context_mask, None),
                      deterministic=deterministic)
       x = x + drop(mlp(norm2(x)), deterministic=deterministic)
     else:
-      x = norm1(x[:, :n] + drop(attn(x[:, :n], x, mask, deterministic),
+      x = norm1(x[:, :n] + drop(attend(attn, "self", x[:, :n], x, mask, cache_index),
                                 deterministic=deterministic))
       if self.cross_attention:
-        x = norm_cross(x + drop(cross(x, context, context_mask, deterministic),
+        x = norm_cross(x + drop(attend(cross, "cross", x, context, context_mask, None),
                                 deterministic=deterministic))
       x = norm2(x + drop(mlp(x), deterministic=deterministic))
-    return constrain(x, ACT_EMBED)
+    x = constrain(x, ACT_EMBED)
+    return x if cache is None else (x, new_cache)
 
 
 def remat_block(module_cls, policy, static_argnums):

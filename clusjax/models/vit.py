@@ -1,6 +1,6 @@
 """Image encoder: a Vision Transformer with the architecture of HF `ViTModel`.
 
-    images [B, H, W, 3] float (normalised) --patch conv--> [B, N, W]
+    images [B, H, W, 3] float (normalised) --patch conv (or conv stem)--> [B, N, W]
     --> [CLS] + tokens + position embeddings --> depth x pre-LN block
     --> final LayerNorm --> last_hidden_state [B, 1+N, W]
 
@@ -11,6 +11,13 @@ and transposing alone.
 Params (top level): patch_embed {kernel [P, P, 3, W], bias [W]},
 cls_token [1, 1, W], pos_embed [1, 1+N, W], block_0 .. block_{depth-1}
 (see layers.TransformerBlock), final_norm {scale, bias}.
+
+stem="conv" (Xiao et al. 2021, "Early convolutions help transformers see better")
+replaces the patch projection by log2(P) 3x3 stride-2 convolutions, each with a
+GELU (channels W/2^(n-1) ... W), then a 1x1 projection
+(`patch_embed`, kernel [1, 1, W, W]): the same tokens, but each sees its patch
+through local, translation-equivariant filters, so shape is learned from little
+data. HF `ViTModel` has no such stem: export refuses it.
 """
 from typing import Any
 
@@ -21,6 +28,35 @@ from clusjax.models.layers import (ACT_EMBED, LayerNorm, TransformerBlock, const
                                    default_init, run_layers)
 
 Dtype = Any
+
+
+class ConvStem(nn.Module):
+  """[B, H, W, 3] -> [B, H/P, W/P, width]: log2(P) 3x3 stride-2 conv + GELU (ViT stem='conv').
+
+  No normalisation between them: a per-pixel LayerNorm would scale the flat
+  background of these images (and its noise) up to the contrast of an edge, and
+  BatchNorm would add state; the pre-LN blocks normalise the tokens anyway.
+  Params conv_0 .. conv_{n-1} {kernel [3, 3, C_in, C], bias [C]}.
+  """
+  patch_size: int
+  width: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n = self.patch_size.bit_length() - 1
+    if self.patch_size != 2 ** n or n < 1:
+      raise ValueError(f"ViT: stem='conv' needs a power-of-two patch_size >= 2; "
+                       f"got {self.patch_size}.")
+    for i in range(n):
+      features = max(self.width >> (n - 1 - i), 8)
+      x = nn.Conv(features, (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype,
+                  param_dtype=jnp.float32, name=f"conv_{i}",
+                  kernel_init=nn.with_logical_partitioning(
+                      nn.initializers.he_normal(), (None, None, None, None)),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(x)
+      x = nn.gelu(x)
+    return x
 
 
 class ViT(nn.Module):
@@ -40,6 +76,7 @@ class ViT(nn.Module):
   layer_norm_eps: float = 1e-12       # HF ViTConfig default
   remat: str = "none"                 # config.remat: activation checkpointing of the blocks
   scan_layers: bool = False           # config.scan_layers: the blocks as one lax.scan
+  stem: str = "patch"                 # patch (ViT) | conv (see the module docstring)
 
   @nn.compact
   def __call__(self, images, deterministic=True):
@@ -63,14 +100,22 @@ class ViT(nn.Module):
           f"ViT: image size {h}x{w} (images.shape={images.shape}) is not divisible by "
           f"patch_size={p}; resize or crop the images to a multiple of {p}.")
 
+    x = images.astype(self.dtype)
+    if self.stem == "conv":
+      x = ConvStem(self.patch_size, self.width, self.dtype, name="conv_stem")(x)
+      p_embed = 1
+    elif self.stem == "patch":
+      p_embed = p
+    else:
+      raise ValueError(f"ViT: stem={self.stem!r} is unknown; use 'patch' or 'conv'.")
     # A stride-P conv is a linear map of each flattened P x P x 3 patch (HF's
     # Conv2d projection); row-major flatten of the patch grid as HF's flatten(2).
     x = nn.Conv(
-        self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-        param_dtype=jnp.float32, name="patch_embed",
+        self.width, (p_embed, p_embed), strides=(p_embed, p_embed), padding="VALID",
+        dtype=self.dtype, param_dtype=jnp.float32, name="patch_embed",
         kernel_init=nn.with_logical_partitioning(default_init, (None, None, None, "embed")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-    )(images.astype(self.dtype))
+    )(x)
     x = x.reshape(b, (h // p) * (w // p), self.width)
 
     cls = self.param("cls_token", nn.with_logical_partitioning(default_init, (None, None, "embed")),

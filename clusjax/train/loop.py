@@ -6,7 +6,6 @@
 Everything stateful (checkpoints, logging, the data iterator) lives here; the
 step itself is the pure function in `clusjax/train/step.py`.
 """
-import math
 import os
 import shutil
 import time
@@ -22,6 +21,7 @@ from clusjax.clustering import next_k_max, write_cluster_plots
 from clusjax.config import (ConfigError, caption_negative_groups, task_of, train_stages,
                             validate)
 from clusjax.data import Tokenizer, make_sampled_iterator, make_source, make_train_iterator
+from clusjax.data.pipeline import skip_metrics
 from clusjax.data.sampler import ClusteredSampler
 from clusjax.data.prompts import labeler_from_config, tagger_from_config
 from clusjax.data.tasks import answer_vocab, task_targets
@@ -30,6 +30,7 @@ from clusjax.parallel.hardware import chip_of
 from clusjax.parallel.mesh import (batch_sharding, create_mesh, mesh_context,
                                    per_device_bytes, rules_from_config)
 from clusjax.train.checkpoint import Checkpointer
+from clusjax.train.errors import NonFiniteError
 from clusjax.train.metrics_writer import MetricWriter
 from clusjax.train.optimizer import make_optimizer
 from clusjax.train.restore import (load_init_from, load_tokenizer, restore_model,
@@ -95,7 +96,9 @@ def get_tokenizer(config, workdir, train_source):
     else:
       n = min(len(train_source), TOKENIZER_TRAIN_CAPTIONS)
       captions = [train_source[i]["caption"] for i in range(n)]
-      Tokenizer.train(captions, file, config.data.vocab_size)
+      # Written whole or not at all: a run killed here must not leave half a model.
+      Tokenizer.train(captions, file + ".partial", config.data.vocab_size)
+      os.replace(file + ".partial", file)
       print(f"Trained a SentencePiece tokenizer on {n} captions -> {file}", flush=True)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("tokenizer")
@@ -109,11 +112,12 @@ def _global_batch(local_batch, sharding):
 
 
 def compile_train_step(model, tx, schedule, config, tokenizer, mesh, rules, state_shapes,
-                       state_shardings, teacher=None):
+                       state_shardings, teacher=None, batch_transform=None):
   """Lowers and compiles the step ahead of time; returns the executable.
 
   teacher: (model, params) of the distillation teacher; the executable then
-  takes its params as a third argument.
+  takes its params as a third argument. batch_transform: a test hook
+  (`make_train_step`).
   """
   sharding = batch_sharding(mesh, rules)
   batch_shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
@@ -124,7 +128,7 @@ def compile_train_step(model, tx, schedule, config, tokenizer, mesh, rules, stat
                           teacher[1]),)
     in_shardings += (jax.tree.map(lambda x: x.sharding, teacher[1]),)
   step = jax.jit(make_train_step(model, tx, schedule, config, TextIds.of(tokenizer),
-                                 None if teacher is None else teacher[0]),
+                                 None if teacher is None else teacher[0], batch_transform),
                  in_shardings=in_shardings, out_shardings=(state_shardings, None),
                  donate_argnums=(0,))
   with mesh_context(mesh, rules):
@@ -185,11 +189,12 @@ def compile_cluster_step(config, mesh, rules, state_shapes, state_shardings):
 class _Compiled:
   """The model, state layout and compiled functions for one K_max."""
 
-  def __init__(self, config, tokenizer, tx, schedule, mesh, rules, teacher=None):
+  def __init__(self, config, tokenizer, tx, schedule, mesh, rules, teacher=None,
+               batch_transform=None):
     self.model = build_model(config, tokenizer.vocab_size)
     self.shapes, self.shardings = abstract_state(self.model, tx, config, mesh, rules)
     step_fn = compile_train_step(self.model, tx, schedule, config, tokenizer, mesh, rules,
-                                 self.shapes, self.shardings, teacher)
+                                 self.shapes, self.shardings, teacher, batch_transform)
     self.flops = compiled_flops(step_fn)
     # The teacher's params (frozen) go in with every batch.
     self.step_fn = step_fn if teacher is None else (
@@ -252,9 +257,13 @@ def _cluster(state, compiled, config, workdir, done, writer, build):
   summary = {"clustering/num_clusters": int(stats["num_clusters"]),
              "clustering/active": int(state.active.sum()),
              "clustering/eps": float(stats["eps"]),
-             "clustering/noise_fraction": float(stats["noise_fraction"])}
+             "clustering/noise_fraction": float(stats["noise_fraction"]),
+             "clustering/skipped": int(stats["skipped"])}
   writer.write(done, summary)
   if jax.process_index() == 0:
+    if summary["clustering/skipped"]:
+      tqdm.write(f"step {done}: clustering skipped: the feature queue or the prototypes are "
+                 "not finite; prototypes kept as they were.")
     tqdm.write(f"step {done}: clustering k={summary['clustering/num_clusters']} "
                f"eps={summary['clustering/eps']:.4g} "
                f"noise={summary['clustering/noise_fraction']:.3f}")
@@ -263,24 +272,60 @@ def _cluster(state, compiled, config, workdir, done, writer, build):
   return state, compiled
 
 
-def train(config, workdir):
-  """Trains (or resumes) in `workdir`; returns (model, final state, tokenizer)."""
+class _Skips:
+  """Steps the train step did not apply (non-finite loss or gradient norm): in all
+  (checkpointed, logged as `skipped_steps`) and in a row (the run stops at
+  config.train.max_skipped_steps)."""
+
+  def __init__(self, limit, total=0):
+    self.limit, self.total, self.in_a_row = limit, total, 0
+
+  def record(self, step, skipped):
+    """Counts step `step` (its `skipped` flag from the step's metrics); True when
+    the run must stop."""
+    if not int(jax.device_get(skipped)):
+      self.in_a_row = 0
+      return False
+    self.total += 1
+    self.in_a_row += 1
+    if jax.process_index() == 0:
+      tqdm.write(f"step {step}: non-finite loss or gradient norm; update not applied "
+                 f"({self.in_a_row} in a row, {self.total} in all).")
+    return self.in_a_row >= self.limit
+
+  def error(self, step, ckpt):
+    n = self.in_a_row
+    steps = f"step {step}" if n == 1 else f"steps {step - n + 1}-{step}"
+    newest = ckpt.latest_step()
+    where = (f"The newest checkpoint, step {newest}, has the last finite parameters"
+             if newest is not None else "No checkpoint was written before them")
+    return NonFiniteError(
+        f"step {step}: non-finite loss or gradient norm in {n} step{'s' * (n > 1)} in a row "
+        f"({steps}), not applied; config.train.max_skipped_steps={self.limit} stops the run "
+        f"here. {where}. Lower config.optim.learning_rate or look at the data near step "
+        f"{step}, then run again to resume.")
+
+
+def train(config, workdir, *, batch_transform=None):
+  """Trains (or resumes) in `workdir`; returns (model, final state, tokenizer).
+
+  Resumes from the newest readable checkpoint (an unreadable newer one is moved
+  to `checkpoints.damaged/` with a warning). batch_transform: a test hook
+  (`make_train_step`).
+  """
   validate(config, jax.device_count())
   is_main = jax.process_index() == 0
+  log = (lambda m: print(m, flush=True)) if is_main else (lambda _: None)
   os.makedirs(workdir, exist_ok=True)
   mesh, rules = create_mesh(config.mesh), rules_from_config(config)
   ckpt = Checkpointer(wd.path(workdir, wd.CHECKPOINT_DIR),
                       keep=config.train.keep_checkpoints, every=config.train.checkpoint_every)
-  init_from = config.get("init_from") if ckpt.latest_step() is None else ""
-  if ckpt.latest_step() is not None:
-    # K_max may have grown during the run: build what the checkpoint holds.
-    config.clustering.max_prototypes = ckpt.k_max()
-  elif init_from:   # ... or during the run it starts from
+  resuming = ckpt.latest_step() is not None
+  init_from = "" if resuming else config.get("init_from")
+  if init_from:   # K_max may have grown during the run it starts from
     source = Checkpointer(wd.path(init_from, wd.CHECKPOINT_DIR), read_only=True)
     config.clustering.max_prototypes = source.k_max()
     source.close()
-  if is_main:
-    wd.save_config(config, workdir)
 
   train_source = make_source(config.data, config.data.train_split, task_of(config))
   tokenizer = get_tokenizer(config, workdir, train_source)
@@ -291,29 +336,42 @@ def train(config, workdir):
   tx, schedule = make_optimizer(config.optim, num_steps)
   teacher = load_teacher(config, workdir, mesh, rules) if _distill_teacher(config) else None
   stages = train_stages(config)
-  stage = stage_at(stages, ckpt.latest_step() or 0)
 
   def build():   # the current stage's step (its loss weights) at the current K_max
-    return _Compiled(stage_config(config, stage), tokenizer, tx, schedule, mesh, rules, teacher)
+    return _Compiled(stage_config(config, stage), tokenizer, tx, schedule, mesh, rules, teacher,
+                     batch_transform)
 
   def batches(state):   # the current stage's batches, from its start
     model = None if state is None else (
         lambda: Pretrained(compiled.model, state.params, tokenizer, config, state.active))
     return stage_batches(stage, config, workdir, train_source, tokenizer, model, targets)
 
-  compiled = build()
-  if ckpt.latest_step() is not None:
-    data_iter = batches(None)   # a clustered stage's assignment is in the workdir
-    state = ckpt.restore(compiled.shapes, data_iter)
-    if is_main:
-      print(f"Resumed from step {int(state.step)} in {workdir}", flush=True)
+  skipped_before = 0
+  if resuming:
+    def restore_at(step):   # K_max and stage as of that checkpoint
+      meta = ckpt.meta(step)
+      config.clustering.max_prototypes = int(meta["k_max"])
+      at = stage_at(stages, step)
+      c = stage_config(config, at)   # as `build` makes it
+      shapes, _ = abstract_state(build_model(c, tokenizer.vocab_size), tx, c, mesh, rules)
+      # A clustered stage's assignment is in the workdir.
+      data = stage_batches(at, config, workdir, train_source, tokenizer, None, targets)
+      return at, data, ckpt.restore(shapes, data, step=step), meta
+
+    resumed, (stage, data_iter, state, meta) = ckpt.restore_newest(restore_at, move_damaged=True,
+                                                                   log=log)
+    skipped_before = int(meta.get("skipped_steps", 0))
+    log(f"Resumed from step {resumed} in {workdir}")
+    compiled = build()
   else:
+    stage = stage_at(stages, 0)
+    compiled = build()
     state = init_state(compiled.model, tx, config, compiled.shardings)
     if init_from:
-      state = load_init_from(state, init_from, mesh, rules,
-                             log=print if is_main else (lambda _: None))
+      state = load_init_from(state, init_from, mesh, rules, log=log)
     data_iter = batches(state)
-  if is_main:
+  if is_main:   # with the K_max of the checkpoint it resumed from
+    wd.save_config(config, workdir)
     print(_describe(mesh, state, compiled.flops), flush=True)
 
   sharding = batch_sharding(mesh, rules)
@@ -323,45 +381,69 @@ def train(config, workdir):
              dynamic_ncols=True)
   log_every = config.train.log_every
   window_start, window_steps = time.perf_counter(), 0
-  in_flight = None
-  for step in range(start, num_steps):
-    state, metrics = compiled.step_fn(state, _global_batch(next(data_iter), sharding))
-    # Keep one step in flight (the next batch loads while it computes) but
-    # no more, so the progress bar and examples/s show real progress.
-    if in_flight is not None:
-      jax.block_until_ready(in_flight)
-    in_flight = metrics["loss"]
-    window_steps += 1
-    done = step + 1
-    if done % log_every == 0 or done == num_steps:
-      metrics = jax.device_get(metrics)
-      loss = float(metrics["loss"])
-      if not math.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss} at step {done}; lower config.optim.learning_rate.")
-      elapsed = time.perf_counter() - window_start
-      metrics.update(throughput(compiled.flops, window_steps, elapsed, config.train.batch_size,
-                                jax.devices()[0].device_kind, config.dtype))
-      writer.write(done, metrics)
-      bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{metrics['examples_per_sec']:.0f}",
-                      **({"mfu": f"{metrics['mfu']:.1%}"} if "mfu" in metrics else {}))
-      window_start, window_steps = time.perf_counter(), 0
-    if compiled.cluster_fn is not None and done % config.clustering.cluster_every == 0:
-      state, compiled = _cluster(state, compiled, config, workdir, done, writer, build)
-      in_flight = None
-    bar.update(1)
-    if done == stage.end and done < num_steps:
-      # The next stage: its step, its batches; its first checkpoint holds its
-      # iterator, so a resume from here reads the new stage's batches.
-      previous, stage = stage, stage_at(stages, done)
-      if stage.loss != previous.loss:
-        compiled = build()
-      data_iter = batches(state)
-      in_flight = None
-      ckpt.maybe_save(done, state, data_iter, force=True)
-    else:
-      ckpt.maybe_save(done, state, data_iter)
-  bar.close()
-  ckpt.maybe_save(num_steps, state, data_iter, force=True)
-  ckpt.close()
-  writer.close()
+  skips = _Skips(config.train.get("max_skipped_steps", 20), skipped_before)
+  # (step, its `skipped` flag on device), read one step late: reading it waits for
+  # that step, so one step stays in flight (the next batch loads while it computes)
+  # but no more, and the progress bar and examples/s show real progress.
+  pending = None
+
+  def count_skips():
+    nonlocal pending
+    if pending is not None:
+      step, flag = pending
+      pending = None
+      if skips.record(step, flag):
+        ckpt.wait()   # the newest checkpoint complete before the error names it
+        raise skips.error(step, ckpt)
+
+  def save(done, state, data_iter, force=False):
+    if force or done % ckpt.every == 0:
+      count_skips()   # the checkpoint records skipped_steps up to its step
+    ckpt.maybe_save(done, state, data_iter, force=force, meta={"skipped_steps": skips.total})
+
+  try:
+    for step in range(start, num_steps):
+      state, metrics = compiled.step_fn(state, _global_batch(next(data_iter), sharding))
+      count_skips()
+      done = step + 1
+      pending = (done, metrics["skipped"])
+      ckpt.check()   # a background save that failed (disk full) stops the run now
+      window_steps += 1
+      if done % log_every == 0 or done == num_steps:
+        metrics = jax.device_get(metrics)
+        count_skips()
+        metrics.pop("skipped")
+        metrics["skipped_steps"] = skips.total
+        loss = float(metrics["loss"])
+        elapsed = time.perf_counter() - window_start
+        metrics.update(throughput(compiled.flops, window_steps, elapsed, config.train.batch_size,
+                                  jax.devices()[0].device_kind, config.dtype))
+        writer.write(done, metrics)
+        bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{metrics['examples_per_sec']:.0f}",
+                        **({"mfu": f"{metrics['mfu']:.1%}"} if "mfu" in metrics else {}))
+        window_start, window_steps = time.perf_counter(), 0
+      if compiled.cluster_fn is not None and done % config.clustering.cluster_every == 0:
+        count_skips()
+        state, compiled = _cluster(state, compiled, config, workdir, done, writer, build)
+      bar.update(1)
+      if done == stage.end and done < num_steps:
+        # The next stage: its step, its batches; its first checkpoint holds its
+        # iterator, so a resume from here reads the new stage's batches.
+        count_skips()
+        previous, stage = stage, stage_at(stages, done)
+        if stage.loss != previous.loss:
+          compiled = build()
+        data_iter = batches(state)
+        save(done, state, data_iter, force=True)
+      else:
+        save(done, state, data_iter)
+    count_skips()
+    save(num_steps, state, data_iter, force=True)
+    ckpt.close()
+  except BaseException:
+    ckpt.close_quietly()   # a save in flight finishes: the newest checkpoint is whole
+    raise
+  finally:
+    bar.close()
+    writer.close()
   return compiled.model, state, tokenizer

@@ -20,10 +20,18 @@ class MetricWriter:
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       file = wd.path(workdir, wd.METRICS_FILE)
       if os.path.exists(file):
+        kept = []
         with open(file) as f:
-          kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-        with open(file, "w") as f:
+          for line in f:
+            try:
+              record = json.loads(line)
+            except ValueError:   # the last line of a run killed while writing it
+              continue
+            if record["step"] <= start_step:
+              kept.append(line if line.endswith("\n") else line + "\n")
+        with open(file + ".partial", "w") as f:   # replaced whole: a kill here loses nothing
           f.writelines(kept)
+        os.replace(file + ".partial", file)
       self._jsonl = open(file, "a")
 
   def write(self, step, scalars):

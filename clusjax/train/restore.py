@@ -39,25 +39,46 @@ def tokenizer_fingerprint(workdir):
   return digest.hexdigest()
 
 
-def restore_model(workdir, mesh, rules=None, step=None):
-  """(model, params, active, config, tokenizer) of the latest (or `step`)
-  checkpoint in `workdir`, the params placed on `mesh` by `rules` (None: the
-  workdir's own sharding rules)."""
+def _print_main(message):
+  import jax
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def restore_checkpoint(workdir, mesh, rules=None, step=None, log=_print_main):
+  """(step, model, params, active, config, tokenizer) of checkpoint `step` of
+  `workdir`, or of its newest readable one (an unreadable newer one is skipped
+  with a warning); says which step it loaded through `log`."""
   config = wd.load_config(workdir)
   tokenizer = load_tokenizer(workdir)
   ckpt = Checkpointer(wd.path(workdir, wd.CHECKPOINT_DIR), read_only=True)
+
+  def restore_at(s):
+    config.clustering.max_prototypes = ckpt.k_max(s)   # K_max may grow during a run
+    model = build_model(config, tokenizer.vocab_size)
+    tx, _ = make_optimizer(config.optim, config.train.num_steps)
+    shapes, _ = abstract_state(model, tx, config, mesh,
+                               rules_from_config(config) if rules is None else rules)
+    return model, ckpt.restore(shapes, step=s)
+
   try:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f"no checkpoint in {wd.path(workdir, wd.CHECKPOINT_DIR)}")
-    config.clustering.max_prototypes = ckpt.k_max(step)   # K_max may grow during a run
-    model = build_model(config, tokenizer.vocab_size)
-    tx, _ = make_optimizer(config.optim, config.train.num_steps)
-    rules = rules_from_config(config) if rules is None else rules
-    shapes, _ = abstract_state(model, tx, config, mesh, rules)
-    state = ckpt.restore(shapes, step=step)
+    if step is None:
+      step, (model, state) = ckpt.restore_newest(restore_at, log=log)
+    else:
+      model, state = restore_at(step)
   finally:
     ckpt.close()
-  return model, state.params, state.active, config, tokenizer
+  log(f"Loaded step {step} of {workdir}")
+  return step, model, state.params, state.active, config, tokenizer
+
+
+def restore_model(workdir, mesh, rules=None, step=None, log=_print_main):
+  """(model, params, active, config, tokenizer) of the latest readable (or `step`)
+  checkpoint in `workdir`, the params placed on `mesh` by `rules` (None: the
+  workdir's own sharding rules); says which step it loaded through `log`."""
+  return restore_checkpoint(workdir, mesh, rules, step, log)[1:]
 
 
 def resample_pos_embed(pos_embed, num_tokens):
@@ -94,10 +115,7 @@ def load_init_from(state, source, mesh, rules, log=print):
   """
   import jax
   from flax import traverse_util
-  ckpt = Checkpointer(wd.path(source, wd.CHECKPOINT_DIR), read_only=True)
-  step = ckpt.latest_step()
-  ckpt.close()
-  _, params, active, _, _ = restore_model(source, mesh, rules)
+  step, _, params, active, _, _ = restore_checkpoint(source, mesh, rules, log=log)
   theirs = traverse_util.flatten_dict(params)
   mine = traverse_util.flatten_dict(state.params)
   loaded, new, resampled, out = [], [], [], {}

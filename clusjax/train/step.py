@@ -17,7 +17,8 @@ The Clus objective (DESIGN §5), each term with its weight in `config.loss`:
     uni_text  text-text InfoNCE: each caption against a copy with tokens
           masked (and the tower's dropout)
     task  a downstream head (config.task vqa / nlvr2) on the fused CLS, with
-          config.finetune.loss: ce | supcon | clce
+          config.finetune.loss: ce | supcon | clce; for config.task caption,
+          masked-token + next-token LM loss under the seq2seq mask
 
 A term whose weight is 0 (or `loss.swap_prediction=False`) is not computed at
 all, so an ITC-only run costs what the dual encoder costs.
@@ -31,8 +32,8 @@ import optax
 from clusjax.clustering import cluster_prototypes
 from clusjax.config import itc_kind
 from clusjax.data.augment import augment_images
-from clusjax.losses import (classification_loss, clce_loss, clip_temperature,
-                            infonce_from_logits, itc_logits, itm_loss, itm_pairs,
+from clusjax.losses import (caption_loss, caption_masking, classification_loss, clce_loss,
+                            clip_temperature, infonce_from_logits, itc_logits, itm_loss, itm_pairs,
                             distillation_loss, mask_tokens, mlm_loss, noun_codes,
                             prompt_label_loss, sample_hard_negatives, siglip_loss, softclip_loss,
                             supcon_loss, swap_prediction_loss, vqa_loss)
@@ -222,10 +223,26 @@ def micro_terms(model, params, out, batch, rngs, config, text_ids, active, weigh
     (image_tokens, image_feats), (text_tokens, text_mask, text_feats), labels = itm_pairs(
         (out["image_tokens"], out["image_feats"]), (out["text_tokens"], mask, out["text_feats"]),
         neg_text, neg_image)
+    pair_weights = None
+    if "neg_text_ids" in batch and config.loss.get("itm_caption_negatives", False):
+      # Each image with its caption's one-word swap (config.data.caption_negatives): the
+      # near misses a retrieval top-k holds, which in-batch negatives rarely are.
+      neg_tokens, neg_feats = model.apply(variables, batch["neg_text_ids"],
+                                          batch["neg_text_mask"], deterministic=False,
+                                          rngs={"dropout": rngs["captions"]},
+                                          method=ClusModel.encode_text)
+      image_tokens = jnp.concatenate([image_tokens, out["image_tokens"]])
+      image_feats = jnp.concatenate([image_feats, out["image_feats"]])
+      text_tokens = jnp.concatenate([text_tokens, neg_tokens])
+      text_mask = jnp.concatenate([text_mask, batch["neg_text_mask"]])
+      text_feats = jnp.concatenate([text_feats, neg_feats])
+      pair_weights = jnp.concatenate([jnp.ones_like(labels, jnp.float32),
+                                      batch["neg_valid"].astype(jnp.float32)])
+      labels = jnp.concatenate([labels, jnp.zeros_like(batch["neg_valid"], jnp.int32)])
     match_logits = model.apply(variables, image_tokens, text_tokens, text_mask, image_feats,
                                text_feats, active, deterministic=False,
                                rngs={"dropout": rngs["itm"]}, method=ClusModel.itm_logits)
-    terms["itm"], terms["itm_accuracy"] = itm_loss(match_logits, labels)
+    terms["itm"], terms["itm_accuracy"] = itm_loss(match_logits, labels, pair_weights)
 
   if "mlm" in weights:
     masked_ids, targets = mask_tokens(
@@ -238,8 +255,30 @@ def micro_terms(model, params, out, batch, rngs, config, text_ids, active, weigh
     terms["mlm"], terms["mlm_accuracy"] = mlm_loss(token_logits, ids, targets)
 
   if "task" in weights:
-    terms.update(task_terms(model, params, out, batch, rngs, config.finetune))
+    if config.get("task") == "caption":
+      terms.update(caption_terms(model, params, out, batch, rngs, config.caption, text_ids))
+    else:
+      terms.update(task_terms(model, params, out, batch, rngs, config.finetune))
   return terms
+
+
+def caption_terms(model, params, out, batch, rngs, caption_config, text_ids):
+  """Captioning's masked fine-tuning (config.task caption; clusjax/losses/caption.py):
+  caption_config.mask_ratio of the caption's tokens -> [MASK], one seq2seq forward
+  (`ClusModel.caption_logits`) on the image tokens of the towers' pass, the
+  masked-token loss + lm_weight x the next-token loss, label-smoothed."""
+  r_mask, r_drop = jax.random.split(rngs["task"])
+  ids, mask = batch["text_ids"], batch["text_mask"]
+  masked, targets = caption_masking(r_mask, ids, mask, mask_id=text_ids.mask_id,
+                                    ratio=caption_config.mask_ratio)
+  logits = model.apply({"params": params}, out["image_tokens"], masked, mask,
+                       deterministic=False, rngs={"dropout": r_drop},
+                       method=ClusModel.caption_logits)
+  loss, terms = caption_loss(logits, ids, mask, targets, vocab_size=text_ids.vocab_size,
+                             label_smoothing=caption_config.label_smoothing,
+                             lm_weight=caption_config.lm_weight)
+  return {"task": loss, "task_accuracy": terms["accuracy"],
+          "caption_mask_loss": terms["mask_loss"], "caption_lm_loss": terms["lm_loss"]}
 
 
 def task_terms(model, params, out, batch, rngs, finetune_config):
@@ -417,13 +456,26 @@ def make_cluster_step(config):
   cc = config.clustering
 
   def cluster_step(state):
-    valid = queue_valid(state.queue, state.step, config.train.batch_size)
+    # Rows a skipped train step left unwritten are zeros on the queue's first lap:
+    # not features (those are unit vectors), so not clustered.
+    valid = (queue_valid(state.queue, state.step, config.train.batch_size)
+             & jnp.any(state.queue != 0, axis=1))
+    # As in the train step: non-finite inputs (valid queue rows, active prototypes)
+    # or results leave the state as it was, and the stats say so. Rows not read
+    # are zeroed (the projection's centring multiplies them by 0: NaN * 0 = NaN).
+    queue = jnp.where(valid[:, None], state.queue, 0.0)
     z, active, stats = cluster_prototypes(
-        state.queue, valid, state.params["prototypes"], state.active, dim=cc.dim,
+        queue, valid, state.params["prototypes"], state.active, dim=cc.dim,
         min_samples=cc.min_samples or None, eps=cc.eps or None)
-    params = {**state.params, "prototypes": z}
-    return state.replace(params=params, active=active,
-                         opt_state=reset_prototype_moments(state.opt_state)), stats
+    finite = (jnp.all(jnp.isfinite(queue))
+              & jnp.all(jnp.isfinite(state.params["prototypes"]) | ~state.active[None, :])
+              & jnp.all(jnp.isfinite(z)))
+    new = state.replace(params={**state.params, "prototypes": z}, active=active,
+                        opt_state=reset_prototype_moments(state.opt_state))
+    stats = {**stats, "skipped": ~finite,
+             "num_clusters": jnp.where(finite, stats["num_clusters"],
+                                       jnp.sum(state.active).astype(jnp.int32))}
+    return keep_if(finite, new, state), stats
 
   return cluster_step
 
@@ -445,24 +497,48 @@ def make_loss_and_grads(model, config, text_ids, teacher_model=None):
   return loss_and_grads
 
 
-def make_train_step(model, tx, schedule, config, text_ids, teacher_model=None):
+def keep_if(ok, new, old):
+  """`new` where the scalar `ok` is True, else `old`, leaf by leaf (a select XLA
+  fuses into the update that computes `new`: no copy, no branch)."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def make_train_step(model, tx, schedule, config, text_ids, teacher_model=None,
+                    batch_transform=None):
   """Builds `train_step(state, batch[, teacher_params]) -> (state, metrics)`, to be
-  jitted; with `teacher_model` the step takes the teacher's (frozen) params."""
+  jitted; with `teacher_model` the step takes the teacher's (frozen) params.
+
+  A step whose loss or gradient norm is not finite is not applied (optax's
+  apply_if_finite, extended to all the state the update writes): params,
+  optimizer state, prototypes and the feature queue stay as they were, bit for
+  bit; the step counter still advances (the loop's data position too), and
+  metrics["skipped"] is 1 (int32) for it, 0 otherwise.
+
+  batch_transform: `(batch, step) -> batch` applied inside the step before the
+  forward pass; a test hook (tests inject non-finite images through it).
+  """
   if not _weights(config.loss):
     raise ValueError("every loss weight in config.loss is 0: nothing to train.")
   loss_and_grads = make_loss_and_grads(model, config, text_ids, teacher_model)
 
   def train_step(state, batch, teacher_params=None):
+    if batch_transform is not None:
+      batch = batch_transform(batch, state.step)
     rng = jax.random.fold_in(state.rng, state.step)
     loss, (terms, out), grads = loss_and_grads(state.params, batch, rng, state.active,
                                                teacher_params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = normalize_prototypes(optax.apply_updates(state.params, updates))
-    metrics = dict(loss=loss, **terms, learning_rate=schedule(state.step),
-                   grad_norm=optax.global_norm(grads),
-                   num_clusters=jnp.sum(state.active).astype(jnp.int32))
+    metrics = dict(loss=loss, **terms, learning_rate=schedule(state.step), grad_norm=grad_norm,
+                   num_clusters=jnp.sum(state.active).astype(jnp.int32),
+                   skipped=(~finite).astype(jnp.int32))
+    params, opt_state, queue = keep_if(
+        finite, (params, opt_state, push_queue(state.queue, state.step, out)),
+        (state.params, state.opt_state, state.queue))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              queue=push_queue(state.queue, state.step, out))
+                              queue=queue)
     return new_state, metrics
 
   return train_step

@@ -20,7 +20,7 @@ def _config(data_dir, **overrides):
   # The keys config.data has (configs/clus_base.py), micro sizes as in tests/conftest.py.
   c = ml_collections.ConfigDict(dict(
       name="shapes", data_dir=str(data_dir), image_size=S, seed=0, shapes_num_train=256,
-      shapes_num_val=16, shapes_num_test=64, tfds_name="", image_key="image",
+      shapes_num_val=16, shapes_num_test=64, shapes_version=2, tfds_name="", image_key="image",
       caption_key="caption", jsonl=dict(train="", val="", test=""), train_split="train",
       eval_split="test"))
   c.update(overrides)

@@ -16,7 +16,9 @@ S = 32
 
 @pytest.fixture(scope="module")
 def split():
-  return shapes.make_split("train", 200, S)
+  """v1 (pure colours, fixed masks): the pixel tests below read its exact colours;
+  tests/data/test_shapes_v2.py covers the v2 renderer."""
+  return shapes.make_split("train", 200, S, version=1)
 
 
 def test_deterministic_and_prefix_stable():
@@ -126,6 +128,7 @@ def test_tfds_builder_matches_make_split(tmp_path):
   builder = shapes.prepare_shapes(str(tmp_path), image_size=S, num_train=32, num_val=8,
                                   num_test=8, seed=2)
   assert builder.builder_config.name == "s32_tr32_va8_te8_seed2"
+  assert str(builder.version) == "2.0.0"
   for name, n in counts.items():
     source = builder.as_data_source(split=name)
     ref = shapes.make_split(name, n, S, seed=2)

@@ -186,3 +186,32 @@ def test_bad_text_image_raises():
     recall_at_k(sim)                                                 # paired, not square
   with pytest.raises(ValueError, match="t2i_similarity"):
     recall_at_k(sim, t2i_similarity=np.zeros((6, 3)), text_image=np.repeat(np.arange(3), 2))
+
+
+def test_negative_type_names_what_differs():
+  from clusjax.eval.retrieval import negative_type
+
+  def scene(kind, colour, size, position):
+    pad = lambda v: np.array(list(v) + [-1] * (3 - len(v)), np.int32)  # noqa: E731
+    return {"num_shapes": len(kind), "kind": pad(kind), "colour": pad(colour),
+            "size": pad(size), "position": pad(position)}
+  q = scene([0, 1], [2, 3], [0, 1], [4, 0])
+  assert negative_type(q, scene([0], [2], [0], [4])) == "count"
+  assert negative_type(q, scene([0, 1], [2, 3], [0, 1], [4, 1])) == "position"
+  # The same shapes listed in another order are the same scene.
+  assert negative_type(q, scene([1, 0], [3, 2], [1, 0], [0, 4])) == "same_scene"
+  assert negative_type(q, scene([0, 2], [2, 3], [0, 1], [4, 0])) == "kind"
+  assert negative_type(q, scene([0, 1], [5, 3], [0, 1], [4, 0])) == "colour"
+  assert negative_type(q, scene([0, 1], [2, 3], [1, 1], [4, 0])) == "size"
+  assert negative_type(q, scene([0, 2], [5, 3], [0, 1], [4, 0])) == "several"
+
+
+def test_rerank_pair_scores():
+  from clusjax.eval.retrieval import RERANK_SCORES, rerank_pair_scores
+  from clusjax.config import RERANK_SCORES as CONFIG_RERANK_SCORES
+  assert RERANK_SCORES == CONFIG_RERANK_SCORES
+  cos, odds = np.array([0.5, 0.1]), np.array([-1.0, 2.0])
+  np.testing.assert_allclose(rerank_pair_scores("itm", cos, odds, 10.0), odds)
+  np.testing.assert_allclose(rerank_pair_scores("itm+itc", cos, odds, 10.0), [4.0, 3.0])
+  with pytest.raises(ValueError, match="'itc'"):
+    rerank_pair_scores("itc", cos, odds, 10.0)

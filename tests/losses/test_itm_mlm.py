@@ -68,6 +68,20 @@ def test_itm_pairs_and_loss():
   np.testing.assert_allclose(acc, np.mean(logits.argmax(1) == labels))
 
 
+def test_itm_loss_weights_leave_out_pairs():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(10, 2)).astype(np.float32)
+  labels = rng.integers(0, 2, 10).astype(np.int32)
+  weights = np.array([1, 1, 0, 1, 0, 1, 1, 1, 0, 1], np.float32)
+  keep = weights > 0
+  loss, acc = itm_loss(logits, labels, weights)
+  ref_loss, ref_acc = itm_loss(logits[keep], labels[keep])
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  np.testing.assert_allclose(acc, ref_acc, rtol=1e-6)
+  # No pair at all: 0, not NaN.
+  assert float(itm_loss(logits, labels, np.zeros(10, np.float32))[0]) == 0.0
+
+
 def test_mask_tokens_bert_proportions():
   b, l, vocab, mask_id = 256, 64, 100, 4
   rng = np.random.default_rng(0)

@@ -7,6 +7,7 @@ import pytest
 
 from clusjax.export import vit_config_to_hf, vit_params_from_hf, vit_params_to_hf
 from clusjax.models import ViT
+from clusjax.models.vit import ConvStem
 from tests.models.test_layers import (assert_logically_annotated, assert_sharded_matches,
                                       randomize)
 
@@ -80,3 +81,26 @@ def test_matches_hf_vit_model(boxed):
   # And back: HF state dict -> our params, unchanged.
   back = vit_params_from_hf(hf.state_dict(), num_heads=CFG["num_heads"])
   jax.tree.map(np.testing.assert_array_equal, back, params)
+
+
+def test_conv_stem_tokens_and_translation_equivariance():
+  """stem='conv': the same token grid as the patch stem, from 3x3 stride-2 convolutions
+  (log2 P of them), and a shape moved by one patch moves its stem features by one token."""
+  model = ViT(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64, stem="conv")
+  images = jnp.zeros((2, 32, 32, 3))
+  params = model.init(jax.random.PRNGKey(0), images)["params"]
+  assert list(params["conv_stem"]) == [f"conv_{i}" for i in range(3)]
+  assert nn.meta.unbox(params["patch_embed"]["kernel"]).shape == (1, 1, 32, 32)
+  assert model.apply({"params": params}, images).shape == (2, 1 + 16, 32)
+  stem = lambda x: ConvStem(8, 32).apply({"params": params["conv_stem"]}, x)  # noqa: E731
+  a = np.zeros((1, 32, 32, 3), np.float32)
+  a[0, 4:12, 4:12] = 1.0
+  b = np.roll(a, 8, axis=2)
+  fa, fb = np.asarray(stem(jnp.asarray(a))), np.asarray(stem(jnp.asarray(b)))
+  np.testing.assert_allclose(fb[0, :, 1:3], fa[0, :, 0:2], atol=1e-5)
+  with pytest.raises(ValueError, match="power-of-two"):
+    ViT(patch_size=12, width=32, depth=1, num_heads=2, mlp_dim=64, stem="conv").init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 24, 24, 3)))
+  with pytest.raises(ValueError, match="stem='pixel'"):
+    ViT(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64, stem="pixel").init(
+        jax.random.PRNGKey(0), images)

@@ -42,8 +42,10 @@ def _one_step(config, tokenizer, batch, mesh):
 @pytest.fixture(scope="module")
 def data(shapes_data_dir, tmp_path_factory):
   # With hard negative captions, so that their encoding is checked on 8 devices too.
+  # ITM sees them too (loss.itm_caption_negatives): its 4B pairs on 8 devices.
   config = micro_config(shapes_data_dir,
-                        data__caption_negatives=("circle square triangle diamond cross",))
+                        data__caption_negatives=("circle square triangle diamond cross",),
+                        loss__itm_caption_negatives=True)
   source = make_source(config.data, "train")
   captions = [source[i]["caption"] for i in range(len(source))]
   tokenizer = Tokenizer.train(captions, str(tmp_path_factory.mktemp("tok") / "t.model"),

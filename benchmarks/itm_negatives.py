@@ -1,0 +1,100 @@
+"""Why does ITM re-ranking help or hurt retrieval? Per hard-negative type.
+
+For every query of the built-in test split (image -> text and text -> image), the
+ITC top-k candidates that are not a match are typed by how their scene differs
+from the query's (clusjax.eval.retrieval.negative_type: count, position, colour,
+kind, size, several, same_scene), and for each type this prints
+
+- how often the top-k holds such a negative,
+- ITC pairwise accuracy: the true match scores above the negative by ITC,
+- ITM pairwise accuracy: ... by the ITM log-odds (what re-ranking uses),
+- ITM accuracy: the ITM head calls the negative a non-match (log-odds < 0),
+- the same pairwise accuracy for each re-ranking score the evaluator offers
+  (config.eval.rerank_score: itm, itm+itc).
+
+    python benchmarks/itm_negatives.py --workdir=workdirs/tiny [--k=16] [--num_examples=1000]
+"""
+import argparse
+import collections
+
+import numpy as np
+
+import clusjax
+from clusjax.data import make_source
+from clusjax.eval.retrieval import RERANK_SCORES, load_eval_pairs, negative_type, rerank_pair_scores
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--k", type=int, default=16)
+  parser.add_argument("--num_examples", type=int, default=1000)
+  args = parser.parse_args()
+
+  model = clusjax.load_pretrained(args.workdir)
+  config = model.config
+  if config.data.name != "shapes" or config.data.get("captions_per_image", 1) != 1:
+    raise SystemExit("itm_negatives: needs the built-in shapes with one caption per image "
+                     f"(got data.name={config.data.name!r}).")
+  images, captions, _ = load_eval_pairs(config, model.tokenizer, args.num_examples)
+  n = len(captions)
+  source = make_source(config.data, config.data.eval_split)
+  scenes = [source[i] for i in range(n)]
+  image_tokens, image_feats = model.image_outputs(images)
+  text_tokens, text_mask, text_feats = model.text_outputs(captions)
+  sim = image_feats @ text_feats.T
+  k = min(args.k, n)
+
+  # Every (query, candidate) pair in a top-k, both directions, plus each query's match.
+  pairs = {}
+  for direction in ("i2t", "t2i"):
+    s = sim if direction == "i2t" else sim.T
+    top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    for q in range(n):
+      for c in top[q]:
+        img, txt = (q, c) if direction == "i2t" else (c, q)
+        pairs[(img, txt)] = None
+    for q in range(n):
+      pairs[(q, q)] = None
+  index = np.array(list(pairs), np.int64)
+  itm = np.asarray(model.itm_logits(image_tokens[index[:, 0]], text_tokens[index[:, 1]],
+                                    text_mask[index[:, 1]], image_feats[index[:, 0]],
+                                    text_feats[index[:, 1]]), np.float64)
+  log_odds = dict(zip(map(tuple, index), itm[:, 1] - itm[:, 0]))
+  scores = {name: rerank_pair_scores(name, sim[index[:, 0], index[:, 1]], itm[:, 1] - itm[:, 0],
+                                     model.logit_scale) for name in RERANK_SCORES}
+  scores = {name: dict(zip(map(tuple, index), v)) for name, v in scores.items()}
+
+  for direction in ("i2t", "t2i"):
+    s = sim if direction == "i2t" else sim.T
+    top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    stats = collections.defaultdict(lambda: collections.Counter())
+    for q in range(n):
+      pos = (q, q)
+      for c in top[q]:
+        if c == q:
+          continue
+        neg = (q, c) if direction == "i2t" else (c, q)
+        kind = negative_type(scenes[q], scenes[c])
+        st = stats[kind]
+        st["count"] += 1
+        st["itc"] += sim[pos] > sim[neg]
+        st["itm_pair"] += log_odds[pos] > log_odds[neg]
+        st["itm_neg"] += log_odds[neg] < 0
+        for name in RERANK_SCORES:
+          st[name] += scores[name][pos] > scores[name][neg]
+    pos_acc = np.mean([log_odds[(q, q)] > 0 for q in range(n)])
+    print(f"\n{direction}: top-{k} of {n} queries; ITM calls {pos_acc:.3f} of the true pairs a match")
+    header = ["negative", "per query", "ITC pair", "ITM pair", "ITM says no"]
+    header += [f"{name} pair" for name in RERANK_SCORES]
+    print(" | ".join(f"{h:>12}" for h in header))
+    for kind in sorted(stats, key=lambda t: -stats[t]["count"]):
+      st = stats[kind]
+      row = [kind, f"{st['count'] / n:.2f}"] + [
+          f"{st[key] / st['count']:.3f}" for key in ["itc", "itm_pair", "itm_neg",
+                                                      *RERANK_SCORES]]
+      print(" | ".join(f"{v:>12}" for v in row))
+
+
+if __name__ == "__main__":
+  main()
