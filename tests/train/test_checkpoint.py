@@ -199,3 +199,28 @@ def test_training_resumes_from_the_newest_readable_checkpoint(poisoned_run, tmp_
   for a, b in zip(jax.tree.leaves(jax.device_get(resumed.params)),
                   jax.tree.leaves(jax.device_get(state.params))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_disk_full_stops_training_with_one_line(poisoned_run, tmp_path, monkeypatch):
+  """Resumed at step 4, the step-6 save fails (injected ENOSPC): the run stops naming
+  step 6, and step 4 is still the newest checkpoint, whole."""
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler
+  config, source, _ = poisoned_run
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  for step in (6, 8):
+    shutil.rmtree(workdir / wd.CHECKPOINT_DIR / str(step))
+
+  async def disk_full(self, item, directory):
+    raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+  monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", disk_full)
+  with pytest.raises(CheckpointError) as e:
+    train(config.copy_and_resolve_references(), str(workdir), batch_transform=poison)
+  message = str(e.value)
+  assert "\n" not in message and message.startswith("saving checkpoint step 6 in ")
+  assert "No space left on device" in message and "step 4, is intact" in message
+  monkeypatch.undo()
+  ckpt = Checkpointer(str(workdir / wd.CHECKPOINT_DIR), read_only=True)
+  assert ckpt.latest_step() == 4 and ckpt.meta(4)["k_max"] > 0
+  ckpt.close()
