@@ -160,7 +160,6 @@ def check_grad_accum(config):
     tags = (itc_kind(config.loss) == "softclip"
             and config.loss.itc.softclip.self_similarity == "tags")
     for on, what in ((config.get("distill", {}).get("teacher"), "config.distill.teacher"),
-                     (config.data.caption_negatives, "config.data.caption_negatives"),
                      (tags, "config.loss.itc.softclip.self_similarity='tags'")):
       if on:
         raise ConfigError(f"config.grad_accum_steps={accum} does not work with {what} (their "

@@ -414,6 +414,7 @@ def train(config, workdir, *, batch_transform=None):
         count_skips()
         metrics.pop("skipped")
         metrics["skipped_steps"] = skips.total
+        metrics.update(skip_metrics(train_source))   # data/skipped/<reason>: bad records
         loss = float(metrics["loss"])
         elapsed = time.perf_counter() - window_start
         metrics.update(throughput(compiled.flops, window_steps, elapsed, config.train.batch_size,

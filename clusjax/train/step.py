@@ -32,12 +32,12 @@ import optax
 from clusjax.clustering import cluster_prototypes
 from clusjax.config import itc_kind
 from clusjax.data.augment import augment_images
-from clusjax.losses import (caption_loss, caption_masking, classification_loss, clce_loss,
-                            clip_temperature, infonce_from_logits, itc_logits, itm_loss, itm_pairs,
+from clusjax.losses import (clip_temperature, infonce_from_logits, itc_logits, itm_loss, itm_pairs,
                             distillation_loss, mask_tokens, mlm_loss, noun_codes,
                             prompt_label_loss, sample_hard_negatives, siglip_loss, softclip_loss,
-                            supcon_loss, swap_prediction_loss, vqa_loss)
+                            swap_prediction_loss)
 from clusjax.models.clus import ClusModel
+from clusjax.train.downstream import caption_terms, task_terms
 from clusjax.train.state import is_prototype_leaf
 
 
@@ -106,7 +106,7 @@ def distilled_itc(logits, teacher_logits, distill_config):
 # accumulation they still see the whole batch. The others are per microbatch.
 BATCH_TERMS = ("itc", "noun_code", "swap")
 # Tower outputs with a batch dimension (the rest of the towers' output dict is parameters).
-_FEATURES = ("image_feats", "text_feats")
+_FEATURES = ("image_feats", "text_feats", "neg_text_feats")
 
 
 def _rngs(rng):
@@ -129,12 +129,22 @@ def _augment(rng, images, unimodal_config):
 
 def _towers(model, params, batch, rngs, config, weights):
   """The two towers' outputs for the batch (its images as view 1 under
-  `loss.unimodal.augment_both`)."""
+  `loss.unimodal.augment_both`), and its hard negative captions' when a term uses them."""
   images = batch["image"]
   if "uni_image" in weights and config.loss.unimodal.augment_both:   # every term sees view 1
     images = _augment(rngs["view1"], images, config.loss.unimodal)
-  return model.apply({"params": params}, images, batch["text_ids"], batch["text_mask"],
-                     deterministic=False, rngs={"dropout": rngs["towers"]})
+  out = model.apply({"params": params}, images, batch["text_ids"], batch["text_mask"],
+                    deterministic=False, rngs={"dropout": rngs["towers"]})
+  wants_negatives = "itc" in weights or ("itm" in weights
+                                         and config.loss.get("itm_caption_negatives", False))
+  if "neg_text_ids" in batch and wants_negatives:
+    # Hard negative captions (config.data.caption_negatives), encoded once for ITC and ITM.
+    neg_tokens, neg_feats = model.apply({"params": params}, batch["neg_text_ids"],
+                                        batch["neg_text_mask"], deterministic=False,
+                                        rngs={"dropout": rngs["captions"]},
+                                        method=ClusModel.encode_text)
+    out = {**out, "neg_text_tokens": neg_tokens, "neg_text_feats": neg_feats}
+  return out
 
 
 def batch_terms(model, params, out, batch, rngs, config, active, weights, teacher=None):
@@ -147,13 +157,10 @@ def batch_terms(model, params, out, batch, rngs, config, active, weights, teache
                                                             out["text_feats"]))
   if "itc" in weights:
     negative_logits = None
-    if "neg_text_ids" in batch:   # hard negative captions (config.data.caption_negatives)
-      _, neg_feats = model.apply(variables, batch["neg_text_ids"], batch["neg_text_mask"],
-                                 deterministic=False, rngs={"dropout": rngs["captions"]},
-                                 method=ClusModel.encode_text)
-      negative_logits = jnp.where(batch["neg_valid"][None, :],
-                                  itc_logits(out["image_feats"], neg_feats, out["temperature"]),
-                                  -jnp.inf)
+    if "neg_text_feats" in out:   # hard negative captions (config.data.caption_negatives)
+      negative_logits = jnp.where(
+          batch["neg_valid"][None, :],
+          itc_logits(out["image_feats"], out["neg_text_feats"], out["temperature"]), -jnp.inf)
     if "tag_ids" in batch:   # SoftCLIP's tags: targets only, so no gradient
       _, tag_feats = model.apply(variables, batch["tag_ids"], batch["tag_mask"],
                                  method=ClusModel.encode_text)
@@ -224,13 +231,10 @@ def micro_terms(model, params, out, batch, rngs, config, text_ids, active, weigh
         (out["image_tokens"], out["image_feats"]), (out["text_tokens"], mask, out["text_feats"]),
         neg_text, neg_image)
     pair_weights = None
-    if "neg_text_ids" in batch and config.loss.get("itm_caption_negatives", False):
+    if "neg_text_tokens" in out and config.loss.get("itm_caption_negatives", False):
       # Each image with its caption's one-word swap (config.data.caption_negatives): the
       # near misses a retrieval top-k holds, which in-batch negatives rarely are.
-      neg_tokens, neg_feats = model.apply(variables, batch["neg_text_ids"],
-                                          batch["neg_text_mask"], deterministic=False,
-                                          rngs={"dropout": rngs["captions"]},
-                                          method=ClusModel.encode_text)
+      neg_tokens, neg_feats = out["neg_text_tokens"], out["neg_text_feats"]
       image_tokens = jnp.concatenate([image_tokens, out["image_tokens"]])
       image_feats = jnp.concatenate([image_feats, out["image_feats"]])
       text_tokens = jnp.concatenate([text_tokens, neg_tokens])
@@ -260,65 +264,6 @@ def micro_terms(model, params, out, batch, rngs, config, text_ids, active, weigh
     else:
       terms.update(task_terms(model, params, out, batch, rngs, config.finetune))
   return terms
-
-
-def caption_terms(model, params, out, batch, rngs, caption_config, text_ids):
-  """Captioning's masked fine-tuning (config.task caption; clusjax/losses/caption.py):
-  caption_config.mask_ratio of the caption's tokens -> [MASK], one seq2seq forward
-  (`ClusModel.caption_logits`) on the image tokens of the towers' pass, the
-  masked-token loss + lm_weight x the next-token loss, label-smoothed."""
-  r_mask, r_drop = jax.random.split(rngs["task"])
-  ids, mask = batch["text_ids"], batch["text_mask"]
-  masked, targets = caption_masking(r_mask, ids, mask, mask_id=text_ids.mask_id,
-                                    ratio=caption_config.mask_ratio)
-  logits = model.apply({"params": params}, out["image_tokens"], masked, mask,
-                       deterministic=False, rngs={"dropout": r_drop},
-                       method=ClusModel.caption_logits)
-  loss, terms = caption_loss(logits, ids, mask, targets, vocab_size=text_ids.vocab_size,
-                             label_smoothing=caption_config.label_smoothing,
-                             lm_weight=caption_config.lm_weight)
-  return {"task": loss, "task_accuracy": terms["accuracy"],
-          "caption_mask_loss": terms["mask_loss"], "caption_lm_loss": terms["lm_loss"]}
-
-
-def task_terms(model, params, out, batch, rngs, finetune_config):
-  """The downstream head's loss and accuracy (config.task vqa / nlvr2).
-
-  The features are the fused CLS (`ClusModel.task_features`; NLVR2: both pairs
-  concatenated); `batch["label"]` int32 [B] is the class (VQA: the top answer,
-  -1 when none is in the vocabulary: left out of the label-based terms). Loss by
-  finetune_config.loss: ce (VQA: `vqa_loss` on batch["target_scores"] [B, A];
-  NLVR2: softmax CE) | supcon (`supcon_loss` on the features, plus ce for the
-  head, which reads the features without their gradient) | clce (`clce_loss`).
-  Accuracy: VQA score of the top answer (its target score), or exact match.
-  """
-  variables = {"params": params}
-  kw = dict(deterministic=False, rngs={"dropout": rngs["task"]})
-  image2 = None
-  if "image2" in batch:   # NLVR2's right image, through the same tower
-    image2, _ = model.apply(variables, batch["image2"], method=ClusModel.encode_image, **kw)
-  feats = model.apply(variables, out["image_tokens"], out["text_tokens"], batch["text_mask"],
-                      image2, method=ClusModel.task_features, **kw)
-  head_input = jax.lax.stop_gradient(feats) if finetune_config.loss == "supcon" else feats
-  logits = model.apply(variables, head_input, method=ClusModel.task_logits)
-  labels = batch["label"]
-  valid = labels >= 0
-  predicted = jnp.argmax(logits, axis=-1)
-  if "target_scores" in batch:
-    ce = vqa_loss(logits, batch["target_scores"])
-    accuracy = jnp.mean(jnp.take_along_axis(batch["target_scores"], predicted[:, None], 1))
-  else:
-    ce = classification_loss(logits, labels, valid)
-    accuracy = jnp.mean(predicted == labels)
-  if finetune_config.loss == "supcon":
-    loss = ce + supcon_loss(feats, labels, temperature=finetune_config.supcon_temperature,
-                            valid=valid)
-  elif finetune_config.loss == "clce":
-    loss = clce_loss(logits, feats, labels, lam=finetune_config.clce_lam,
-                     temperature=finetune_config.clce_temperature, valid=valid)
-  else:
-    loss = ce
-  return {"task": loss, "task_accuracy": accuracy}
 
 
 def _weighted(terms, weights):
@@ -379,7 +324,7 @@ def accumulated_losses(model, params, batch, rng, config, text_ids, active, m):
 
   def features(args):
     out = towers(params, *args)
-    return {k: v for k, v in out.items() if k not in ("image_tokens", "text_tokens")}
+    return {k: v for k, v in out.items() if not k.endswith("_tokens")}
   stacked = jax.lax.map(features, (micro, keys))
   out = {k: _merge(v) if k in _FEATURES else v[0] for k, v in stacked.items()}
 

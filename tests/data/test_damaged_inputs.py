@@ -227,3 +227,29 @@ def test_vqa_and_nlvr2_jsonl_share_the_checks(tmp_path, tok):
   examples = _decode_all(nlvr, tok)
   assert len(examples) == 10 and pipeline.skipped_by_reason() == {"missing_image": 1}
   assert tuple(examples[0]["image2"][4, 4]) == (60, 60, 60)
+
+
+def test_training_logs_the_skipped_records_by_reason(tmp_path):
+  """A run on a JSONL set with damaged records trains, and metrics.jsonl counts
+  them by reason (the build's malformed lines and the read-time skips)."""
+  from clusjax.train.loop import train
+  from tests.conftest import micro_config
+  for name, (image, _) in GOOD.items():
+    (tmp_path / name).write_bytes(_encoded(image, "JPEG" if name.endswith(".jpg") else "PNG"))
+  (tmp_path / "empty.png").write_bytes(b"")
+  lines = [{"image": name, "caption": f"a small red circle {i}"}
+           for i, name in enumerate(list(GOOD) * 6)]
+  lines += [{"image": "empty.png", "caption": "a circle"}, {"image": "gone.png", "caption": "x"}] * 3
+  lines += ["{not json"]
+  path = _write_jsonl(tmp_path / "train.jsonl", lines)
+  config = micro_config(tmp_path / "tfds", data__name="jsonl", data__image_size=16,
+                        data__eval_split="train", train__num_steps=2, train__checkpoint_every=2,
+                        clustering__cluster_every=100, eval__evaluators=())
+  config.data.jsonl.train = str(path)
+  pipeline.reset_skipped_records()
+  train(config, str(tmp_path / "workdir"))
+  logged = [json.loads(line) for line in (tmp_path / "workdir" / "metrics.jsonl").read_text()
+            .splitlines()]
+  last = [m for m in logged if "loss" in m][-1]
+  assert last["data/skipped/malformed_json"] == 1
+  assert last["data/skipped/empty_image"] >= 1 and last["data/skipped/missing_image"] >= 1

@@ -260,12 +260,12 @@ def _loss_and_grads(config, tokenizer, batch, mesh, accum):
 
 @pytest.mark.parametrize("devices", [1, 8])
 def test_grad_accumulation_keeps_the_batch_terms_whole(data, devices):
-  """4 microbatches give the whole batch's ITC + swap prediction (+ noun code)
-  loss and gradients: their features see every negative and Sinkhorn the
-  whole batch. ITM and MLM (per microbatch) are off, and there is no dropout."""
+  """4 microbatches give the whole batch's ITC (with its hard negative captions)
+  + swap prediction (+ noun code) loss and gradients: their features see every
+  negative and Sinkhorn the whole batch. ITM and MLM (per microbatch) are off,
+  and there is no dropout."""
   config, tokenizer, batch = data
   config = config.copy_and_resolve_references()
-  config.data.caption_negatives = ()
   config.loss.itm_weight = config.loss.mlm_weight = config.loss.prompt_weight = 0.0
   batch = {k: batch[k] for k in dummy_batch(config, 1)}
   mesh = (create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]) if devices == 1
@@ -298,7 +298,8 @@ def test_grad_accumulation_trains_the_full_objective(data):
   config.grad_accum_steps = 3
   with pytest.raises(ConfigError, match="not divisible by config.grad_accum_steps=3"):
     validate(config)
-  config.grad_accum_steps, config.data.caption_negatives = 2, ("circle square",)
+  config.grad_accum_steps, config.loss.itc.kind = 2, "softclip"
+  config.loss.itc.softclip.self_similarity = "tags"
   with pytest.raises(ConfigError, match="grad_accum_steps=2 does not work with "
-                                        "config.data.caption_negatives"):
+                                        "config.loss.itc.softclip.self_similarity='tags'"):
     validate(config)
