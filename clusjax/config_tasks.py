@@ -159,6 +159,8 @@ def _prepared_tfds_splits(name, data_dir):
   for path in glob.glob(os.path.join(root, base, "**", "dataset_info.json"), recursive=True):
     if version and f"{os.sep}{version}{os.sep}" not in path:
       continue
+    if f"{os.sep}incomplete." in path:
+      continue   # a build still running, or killed: TFDS renames it when it is complete
     try:
       with open(path) as f:
         splits.update(s["name"] for s in json.load(f).get("splits", []))

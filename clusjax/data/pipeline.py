@@ -33,6 +33,11 @@ from clusjax.data.damage import (reset_skipped_records, skip_metrics,  # noqa: F
 from clusjax.data.negatives import negative_caption
 from clusjax.data.sampler import SampledIndex
 
+try:
+  import simplejpeg   # the fastest JPEG decoder measured (benchmarks/input_pipeline.py)
+except ImportError:   # Pillow decodes everything then
+  simplejpeg = None
+
 # Decoding threads: more than the cores only contend with the train step
 # (2-core CPU, batch 128 of 64 px: 124 ms of CPU per batch with 16 threads,
 # 80 ms with one).
@@ -42,9 +47,30 @@ READ_THREADS = min(16, os.cpu_count() or 1)
 # Decoding one record.
 
 
+def _fast_jpeg(data):
+  """JPEG bytes -> uint8 [H, W, 3] by simplejpeg (1.65x Pillow's speed, the same pixels:
+  benchmarks/RESULTS.md), or None to leave it to Pillow: not a JPEG, over
+  PIL.Image.MAX_IMAGE_PIXELS, or any error (strict: a truncated file raises), so
+  damage is classified by `decode_image_bytes` alone."""
+  if simplejpeg is None or bytes(data[:3]) != b"\xff\xd8\xff":
+    return None
+  try:
+    height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    limit = PIL.Image.MAX_IMAGE_PIXELS
+    if limit and height * width > limit:
+      return None
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+  except Exception:  # noqa: BLE001 - CMYK, corrupt, ...: Pillow decides
+    return None
+
+
 def _decode_image(image, image_size):
   """bytes (None: file missing) / uint8 array -> (uint8 [S, S, 3], None) or
   (None, (reason, detail)); reasons as in `clusjax.data.damage`."""
+  if isinstance(image, (bytes, bytearray, memoryview)):
+    fast = _fast_jpeg(image)
+    if fast is not None:
+      image = fast   # an array: resized below
   if image is None or isinstance(image, (bytes, bytearray, memoryview)):
     pil, bad = decode_image_bytes(image)   # any mode -> RGB; damage -> a reason
     if pil is None:

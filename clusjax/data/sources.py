@@ -239,7 +239,9 @@ def _jsonl_captions(entry, where):
 
 
 def _open_tfds(name, split, data_dir):
-  """A TFDS ArrayRecord data source read from files only (no dataset code, no TF)."""
+  """(A TFDS ArrayRecord data source read from files only (no dataset code, no TF),
+  whether its metadata asks for all captions: sets launch/prepare_data.py made from a
+  Karpathy JSON hold every caption of an image, read under the multi-caption protocol)."""
   where = data_dir or "the TFDS default data dir (~/tensorflow_datasets)"
   try:
     # From files, not tfds.builder(): many dataset modules (coco_captions)
@@ -253,7 +255,8 @@ def _open_tfds(name, split, data_dir):
         f"Prepare it once with: tfds build {name.split('/')[0]} --file_format=array_record"
         + (f" --data_dir={data_dir}" if data_dir else "")) from None
   try:
-    return builder.as_data_source(split=split)
+    metadata = builder.info.metadata or {}
+    return builder.as_data_source(split=split), bool(metadata.get("all_captions", False))
   except ValueError as e:
     raise ValueError(f"TFDS data set {name!r} in {where} has no usable split {split!r}: {e} "
                      "(random access needs file_format=array_record)") from None
@@ -315,9 +318,9 @@ def make_source(data_config, split, task="pretrain"):
   if name == "tfds":
     if not data_config.tfds_name:
       raise ValueError('config.data.name="tfds" needs config.data.tfds_name (e.g. "coco_captions")')
-    return TfdsSource(_open_tfds(data_config.tfds_name, split, data_config.data_dir),
-                      data_config.image_key, data_config.caption_key,
-                      all_captions=data_config.get("all_captions", False))
+    records, all_captions = _open_tfds(data_config.tfds_name, split, data_config.data_dir)
+    return TfdsSource(records, data_config.image_key, data_config.caption_key,
+                      all_captions=data_config.get("all_captions", False) or all_captions)
   if name == "jsonl":
     path = _jsonl_path(data_config, split)
     if task == "vqa":
