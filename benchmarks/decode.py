@@ -43,7 +43,7 @@ def main(argv):
 
   from clusjax.models.clus import build_model
   from clusjax.models.decode import caption_decoder
-  from clusjax.train.step import TextIds
+  from clusjax.train.objective import TextIds
 
   config = _CONFIG.value
   max_len = _MAX_LEN.value

@@ -25,7 +25,7 @@ from clusjax.losses import clip_temperature
 from clusjax.models.clus import ClusModel
 from clusjax.parallel.mesh import create_mesh
 from clusjax.train.restore import restore_model
-from clusjax.train.step import TextIds
+from clusjax.train.objective import TextIds
 
 
 def _to_numpy(x):

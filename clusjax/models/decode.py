@@ -176,7 +176,7 @@ def caption_decoder(model: ClusModel, text_ids, *, max_len, method="beam", beam_
   """A function `(params, images uint8 [B, H, W, 3], rng) -> (tokens int32 [B, max_len],
   scores [B])` to `jax.jit`, decoding captions with `model`.
 
-  text_ids: the tokenizer's ids (clusjax.train.step.TextIds). method: greedy |
+  text_ids: the tokenizer's ids (clusjax.train.objective.TextIds). method: greedy |
   beam | sample. mask_query: step s feeds (token s, [MASK]) at positions
   (s, s + 1) and reads the [MASK]'s logits (UniLM's decoding, for a model
   fine-tuned with masked-token prediction); False feeds token s alone and reads

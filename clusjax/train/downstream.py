@@ -1,6 +1,6 @@
 """The downstream tasks' terms of the train step (config.task caption / vqa / nlvr2).
 
-`clusjax.train.step.micro_terms` adds them as the objective's "task" term; the
+`clusjax.train.objective.micro_terms` adds them as the objective's "task" term; the
 heads are `ClusModel.task_logits` / `caption_logits`, the losses in clusjax/losses.
 """
 import jax

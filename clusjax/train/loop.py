@@ -39,7 +39,8 @@ from clusjax.train.state import abstract_state, dummy_batch, init_state
 from clusjax.train.state import grow_state
 from clusjax.train.stages import (cluster_assignment, describe_assignment, stage_at,
                                   stage_config)
-from clusjax.train.step import TextIds, make_cluster_step, make_train_step
+from clusjax.train.objective import TextIds
+from clusjax.train.step import make_cluster_step, make_train_step
 
 # Captions read to train a tokenizer when the config names none.
 TOKENIZER_TRAIN_CAPTIONS = 50_000

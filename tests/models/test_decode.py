@@ -13,7 +13,7 @@ from clusjax.models.clus import ClusModel, build_model, empty_caption_cache
 from clusjax.models.decode import (beam_search, caption_decoder, filter_logits, greedy_search,
                                    length_normalizer, sample)
 from clusjax.parallel.mesh import create_mesh
-from clusjax.train.step import TextIds
+from clusjax.train.objective import TextIds
 from tests.conftest import micro_config
 
 PAD, BOS, EOS = 0, 1, 2

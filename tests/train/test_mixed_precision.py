@@ -16,7 +16,7 @@ from clusjax.parallel.mesh import create_mesh, rules_from_config
 from clusjax.train.loop import compile_train_step
 from clusjax.train.optimizer import make_optimizer
 from clusjax.train.state import abstract_state, dummy_batch, init_state
-from clusjax.train.step import TextIds, compute_losses
+from clusjax.train.objective import TextIds, compute_losses
 from tests.conftest import micro_config
 
 BF16, F32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)

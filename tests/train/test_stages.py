@@ -12,7 +12,7 @@ from clusjax.config import ConfigError, train_stages, validate
 from clusjax.data.sampler import ClusteredSampler
 from clusjax.train.loop import train
 from clusjax.train.stages import split_clusters
-from clusjax.train.step import mean_negative_similarity
+from clusjax.train.objective import mean_negative_similarity
 from tests.conftest import micro_config
 from tests.train.test_train import _metrics
 

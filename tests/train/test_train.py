@@ -15,7 +15,8 @@ from clusjax.models.clus import ClusModel, build_model
 from clusjax.parallel.mesh import batch_sharding, create_mesh, mesh_context, rules_from_config
 from clusjax.train.loop import compile_train_step, train
 from clusjax.train.optimizer import make_optimizer
-from clusjax.train.step import TextIds, contrastive_loss, make_loss_and_grads
+from clusjax.train.objective import TextIds, contrastive_loss
+from clusjax.train.step import make_loss_and_grads
 from clusjax.train.state import abstract_state, dummy_batch, init_state
 from tests.conftest import micro_config
 
