@@ -2,7 +2,7 @@
 `webdataset` loader over tar shards of the same images, and the JPEG decoders.
 
     nice -n 10 python benchmarks/input_pipeline.py [--num_images=1024] [--workers=2]
-        [--image_size=224] [--stored_size=256] [--batch_size=64]
+        [--image_size=224] [--stored_size=256] [--batch_size=64] [--rounds=5]
 
 Makes --num_images distinct photos (random crops of scikit-learn's two sample
 photos, 640 x 427, so JPEGs compress and decode like real ones), prepares them
@@ -20,7 +20,10 @@ the stored JPEGs and captions to WebDataset tar shards. Then, in the same run:
 
 "images/s per core" = images / CPU seconds of this process (its threads),
 measured with time.process_time, so other jobs on a shared machine do not
-lower it; the worker runs give wall-clock images/s. Prints a Markdown report
+lower it much; the worker runs give wall-clock images/s. The per-core runs
+alternate (grain, webdataset, grain, ...) for --rounds rounds, so drifts in
+the machine's speed hit both loaders alike: the table gives each loader's
+median and range, and the median of the per-round ratios grain / webdataset. Prints a Markdown report
 for benchmarks/RESULTS.md, with the host cores an 8-GPU host needs at
 5,000 images/s per GPU.
 """
@@ -46,6 +49,7 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Training image size (squa
 _STORED_SIZE = flags.DEFINE_integer("stored_size", 256, "Shorter side stored at build time.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size of both loaders.")
 _BATCHES = flags.DEFINE_integer("batches", 12, "Batches timed per run (after 2 warm-up).")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating per-core rounds of the two loaders.")
 TARGET_PER_GPU, GPUS = 5_000, 8
 MAX_TEXT_LEN = 32
 
@@ -174,16 +178,26 @@ def main(argv):
         source, global_batch_size=_BATCH.value, seed=0, image_size=_IMAGE_SIZE.value,
         tokenizer=tokenizer, max_text_len=MAX_TEXT_LEN, num_workers=workers)
 
-  rows = {}
-  threads = pipeline.READ_THREADS
-  pipeline.READ_THREADS = 1     # one decoding thread: the per-core figure
-  rows["grain (ArrayRecord)"] = [timed(grain(0), _BATCHES.value, _BATCH.value)]
-  pipeline.READ_THREADS = threads
-  rows["grain (ArrayRecord)"].append(timed(grain(_WORKERS.value), _BATCHES.value, _BATCH.value))
-  rows["webdataset (tar, PIL)"] = [timed(wds_loader(shards, tokenizer, 0), _BATCHES.value,
-                                         _BATCH.value),
-                                   timed(wds_loader(shards, tokenizer, _WORKERS.value),
-                                         _BATCHES.value, _BATCH.value)]
+  def grain_one_thread():
+    threads = pipeline.READ_THREADS
+    pipeline.READ_THREADS = 1     # one decoding thread: the per-core figure
+    try:
+      return grain(0)
+    finally:
+      pipeline.READ_THREADS = threads
+
+  loaders = {"grain (ArrayRecord)": grain_one_thread,
+             "webdataset (tar, PIL)": lambda: wds_loader(shards, tokenizer, 0)}
+  per_core = {name: [] for name in loaders}
+  wall = {name: [] for name in loaders}
+  for _ in range(_ROUNDS.value):   # alternate: the machine's drifts hit both alike
+    for name, make in loaders.items():
+      rate_wall, rate_cpu = timed(make(), _BATCHES.value, _BATCH.value)
+      wall[name].append(rate_wall)
+      per_core[name].append(rate_cpu)
+  workers = {"grain (ArrayRecord)": timed(grain(_WORKERS.value), _BATCHES.value, _BATCH.value)[0],
+             "webdataset (tar, PIL)": timed(wds_loader(shards, tokenizer, _WORKERS.value),
+                                            _BATCHES.value, _BATCH.value)[0]}
   jpegs = [b for b, _ in stored[:256]]
   decode = {}
   for name, fn in decoders().items():
@@ -199,12 +213,18 @@ def main(argv):
   print(f"{len(stored)} photos prepared in {build_s:.1f} s (one process; {w} x {h} JPEG q95 "
         f"stored, {np.mean([len(b) for b, _ in stored]) / 1024:.0f} kB mean); batches of "
         f"{_BATCH.value} at {_IMAGE_SIZE.value} px, {_BATCHES.value} timed after 2.\n")
-  print(f"| loader | images/s per core (CPU s) | images/s, 1 thread (wall) | "
+  print(f"| loader | images/s per core (CPU s), median [range] | images/s, 1 thread (wall) | "
         f"images/s, {_WORKERS.value} workers (wall) | cores for {GPUS} x {TARGET_PER_GPU:,}/s |")
   print("|---|---:|---:|---:|---:|")
-  for name, ((wall1, per_core), (wall_n, _)) in rows.items():
-    cores = math.ceil(GPUS * TARGET_PER_GPU / per_core)
-    print(f"| {name} | {per_core:,.0f} | {wall1:,.0f} | {wall_n:,.0f} | {cores} |")
+  for name in loaders:
+    rate = np.median(per_core[name])
+    print(f"| {name} | {rate:,.0f} [{min(per_core[name]):,.0f}-{max(per_core[name]):,.0f}] | "
+          f"{np.median(wall[name]):,.0f} | {workers[name]:,.0f} | "
+          f"{math.ceil(GPUS * TARGET_PER_GPU / rate)} |")
+  grain_rates, wds_rates = per_core.values()
+  ratios = [g / w for g, w in zip(grain_rates, wds_rates)]
+  print(f"\nPer core, grain / webdataset by round ({_ROUNDS.value} rounds): "
+        + ", ".join(f"{r:.2f}" for r in ratios) + f"; median {np.median(ratios):.2f}.")
   print("\n| JPEG decoder | images/s per core | vs Pillow |")
   print("|---|---:|---:|")
   for name, rate in sorted(decode.items(), key=lambda kv: -kv[1]):

@@ -47,11 +47,19 @@ READ_THREADS = min(16, os.cpu_count() or 1)
 # Decoding one record.
 
 
-def _fast_jpeg(data):
-  """JPEG bytes -> uint8 [H, W, 3] by simplejpeg (1.2-1.7x Pillow's speed, the same pixels:
-  benchmarks/RESULTS.md), or None to leave it to Pillow: not a JPEG, over
-  PIL.Image.MAX_IMAGE_PIXELS, or any error (strict: a truncated file raises), so
-  damage is classified by `decode_image_bytes` alone."""
+def _fast_jpeg(data, image_size):
+  """JPEG bytes -> uint8 [H, W, 3] by simplejpeg, or None to leave it to Pillow: not a
+  JPEG, over PIL.Image.MAX_IMAGE_PIXELS, or any error (strict: a truncated file
+  raises), so damage is classified by `decode_image_bytes` alone.
+
+  simplejpeg decodes the same pixels as Pillow, 1.2-2x faster (benchmarks/RESULTS.md),
+  and where both sides are at least 8/7 of image_size it decodes at the smallest
+  DCT scale (7/8, 3/4, ..., 1/8: libjpeg-turbo's scaled IDCT, as Pillow's
+  `draft` and TF's `decode_jpeg(ratio=...)`) that keeps both sides >= image_size:
+  the bicubic resize that follows then starts from fewer pixels (a 341 x 256 JPEG
+  for 224 px: 299 x 224, one resize pass instead of two; 640 x 480: 320 x 240).
+  The result differs from a full decode + resize by about 1-2 / 255 per pixel.
+  """
   if simplejpeg is None or bytes(data[:3]) != b"\xff\xd8\xff":
     return None
   try:
@@ -59,7 +67,9 @@ def _fast_jpeg(data):
     limit = PIL.Image.MAX_IMAGE_PIXELS
     if limit and height * width > limit:
       return None
-    return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+    # Never scales up: a side under image_size keeps the full decode.
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True,
+                                  min_height=image_size, min_width=image_size)
   except Exception:  # noqa: BLE001 - CMYK, corrupt, ...: Pillow decides
     return None
 
@@ -68,7 +78,7 @@ def _decode_image(image, image_size):
   """bytes (None: file missing) / uint8 array -> (uint8 [S, S, 3], None) or
   (None, (reason, detail)); reasons as in `clusjax.data.damage`."""
   if isinstance(image, (bytes, bytearray, memoryview)):
-    fast = _fast_jpeg(image)
+    fast = _fast_jpeg(image, image_size)
     if fast is not None:
       image = fast   # an array: resized below
   if image is None or isinstance(image, (bytes, bytearray, memoryview)):

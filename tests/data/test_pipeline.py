@@ -91,6 +91,29 @@ def test_decode_record_resizes_and_rejects_bad(tok):
     assert data.decode_record(bad, image_size=S, tokenizer=tok, max_text_len=L) is None
 
 
+def test_large_jpegs_decode_at_a_dct_scale_close_to_a_full_decode(tok):
+  """A JPEG over 8/7 of the image size is decoded at the smallest DCT scale that keeps
+  both sides >= the size, then resized: within ~1 / 255 of Pillow's full decode +
+  bicubic resize; smaller JPEGs are decoded in full (never scaled up)."""
+  from clusjax.data import pipeline
+  y, x = np.mgrid[:120, :160]
+  smooth = np.stack([x * 1.5, y * 2.0, 128 + 60 * np.sin(x / 9.0) * np.cos(y / 7.0)], -1)
+  jpeg = io.BytesIO()
+  PIL.Image.fromarray(smooth.clip(0, 255).astype(np.uint8)).save(jpeg, format="JPEG", quality=95)
+  jpeg = jpeg.getvalue()
+  assert pipeline._fast_jpeg(jpeg, 30).shape == (30, 40, 3)      # 1/4 of 120 x 160
+  assert pipeline._fast_jpeg(jpeg, 100).shape == (105, 140, 3)   # 7/8
+  assert pipeline._fast_jpeg(jpeg, 130).shape == (120, 160, 3)   # a side < 130: full
+  for size in (30, 100, 130):
+    out = data.decode_record({"image": jpeg, "caption": "a red circle."}, image_size=size,
+                             tokenizer=tok, max_text_len=L)["image"]
+    ref = np.asarray(PIL.Image.open(io.BytesIO(jpeg)).convert("RGB").resize(
+        (size, size), PIL.Image.BICUBIC))
+    diff = np.abs(out.astype(int) - ref)
+    assert out.shape == (size, size, 3) and diff.mean() < 1.0 and diff.max() < 12, (
+        size, diff.mean(), diff.max())
+
+
 def test_train_batches_and_restore_bit_exact(shapes_data_dir, tok, tmp_path):
   source = data.make_source(_config(shapes_data_dir), "train")
   make = lambda: data.make_train_iterator(  # noqa: E731
