@@ -1,4 +1,5 @@
-"""Prepare an image-text set as TFDS ArrayRecord: WebDataset shards or a Karpathy JSON.
+"""Prepare an image-text set as TFDS ArrayRecord: WebDataset shards (or img2dataset's
+folder / parquet output) or a Karpathy JSON.
 
     python launch/prepare_data.py webdataset --input='/data/cc3m/{00000..00331}.tar' \
         --output=/data/tfds --name=cc3m [--image_size=256] [--test_fraction=0.001]
@@ -30,8 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clusjax.cli import fail  # noqa: E402
 
 KINDS = ("webdataset", "karpathy")
-_INPUT = flags.DEFINE_string("input", None, "webdataset: a glob or brace list of tar shards "
-                             "(several separated by commas); karpathy: the split JSON.")
+_INPUT = flags.DEFINE_string("input", None, "webdataset: a glob or brace list of shards: tar "
+                             "files, img2dataset's parquet files or its output folders (several "
+                             "separated by commas); karpathy: the split JSON.")
 _OUTPUT = flags.DEFINE_string("output", None, "The TFDS data dir the set goes to.")
 _NAME = flags.DEFINE_string("name", None, "The set's TFDS name (config.data.tfds_name).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "Shorter image side after the build "
@@ -40,7 +42,8 @@ _MAX_IMAGE_BYTES = flags.DEFINE_integer("max_image_bytes", 50 << 20,
                                         "Encoded images larger than this are skipped (huge_image).")
 _IMAGE_KEYS = flags.DEFINE_list("image_keys", ["jpg", "jpeg", "png", "webp"],
                                 "webdataset: image member extensions, first present wins.")
-_CAPTION_KEY = flags.DEFINE_string("caption_key", "txt", "webdataset: caption member extension.")
+_CAPTION_KEY = flags.DEFINE_string("caption_key", "txt", "webdataset: caption member extension "
+                                   "(parquet: that column, else 'caption').")
 _JSON_KEY = flags.DEFINE_string("json_key", "json", "webdataset: JSON member extension.")
 _KEEP_JSON = flags.DEFINE_list("keep_json", [], "webdataset: fields of the JSON member kept "
                                "as text features, e.g. url,width,height.")

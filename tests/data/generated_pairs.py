@@ -1,4 +1,5 @@
-"""Generated WebDataset shards and Karpathy JSON, with damaged members, for the builder tests.
+"""Generated WebDataset shards (tar, and img2dataset's folder and parquet outputs) and
+Karpathy JSON, with damaged members, for the builder tests.
 
 Pair i: a distinct small image (noise + a colour per i, PNG or JPEG) and a caption
 naming i. Damage is placed at fixed indices, each kind with the reason the build
@@ -83,15 +84,55 @@ def write_shards(folder, samples, num_shards):
   """Writes samples round-robin-free (contiguous) into num_shards tars; returns paths."""
   os.makedirs(folder, exist_ok=True)
   paths = []
-  for s, chunk in enumerate(np.array_split(np.arange(len(samples)), num_shards)):
+  for s, chunk in enumerate(_chunks(samples, num_shards)):
     path = os.path.join(folder, f"{s:05d}.tar")
     with tarfile.open(path, "w") as tar:
-      for j in chunk:
-        key, members, _ = samples[j]
+      for key, members, _ in chunk:
         for ext, data in members.items():
           info = tarfile.TarInfo(f"{key}.{ext}")
           info.size = len(data)
           tar.addfile(info, io.BytesIO(data))
+    paths.append(path)
+  return paths
+
+
+def _chunks(samples, num_shards):
+  return [[samples[j] for j in chunk]
+          for chunk in np.array_split(np.arange(len(samples)), num_shards)]
+
+
+def write_folders(folder, samples, num_shards):
+  """The samples as img2dataset's "files" output: one folder per shard of member files."""
+  paths = []
+  for s, chunk in enumerate(_chunks(samples, num_shards)):
+    path = os.path.join(folder, f"{s:05d}")
+    os.makedirs(path)
+    for key, members, _ in chunk:
+      for ext, data in members.items():
+        with open(os.path.join(path, f"{key}.{ext}"), "wb") as f:
+          f.write(data)
+    paths.append(path)
+  return paths
+
+
+def write_parquet(folder, samples, num_shards):
+  """The samples as img2dataset's "parquet" output: columns key, caption (string), jpg
+  and png (binary, null where the sample has none) and the JSON member's fields."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  paths = []
+  for s, chunk in enumerate(_chunks(samples, num_shards)):
+    rows = []
+    for key, members, _ in chunk:
+      text = members.get("txt")
+      meta = json.loads(members["json"]) if "json" in members else {}
+      rows.append({"key": key, "jpg": members.get("jpg"), "png": members.get("png"),
+                   "caption": None if text is None else text.decode("utf-8", "replace"),
+                   "url": meta.get("url"), "width": meta.get("width")})
+    schema = pa.schema([("key", pa.string()), ("jpg", pa.binary()), ("png", pa.binary()),
+                        ("caption", pa.string()), ("url", pa.string()), ("width", pa.int64())])
+    path = os.path.join(folder, f"{s:05d}.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
     paths.append(path)
   return paths
 

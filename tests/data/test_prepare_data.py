@@ -148,14 +148,48 @@ def test_karpathy_json_all_captions_restval_to_train(tmp_path):
   assert len(train) == 31 * 5 - 1   # image 4's blank caption left out, the image kept
 
 
+def _cut_in_half(path):
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[: len(data) // 2])
+
+
 def test_truncated_shard_keeps_what_came_before(tmp_path):
   samples = gen.make_samples(20, corrupt_fraction=0, num_duplicates=0)
   path, = gen.write_shards(str(tmp_path), samples, 1)
-  data = open(path, "rb").read()
-  with open(path, "wb") as f:
-    f.write(data[: len(data) // 2])
+  _cut_in_half(path)
   items = list(webdataset.tar_samples(path))
   assert items[-1] == "corrupt_shard" and 5 <= len(items) - 1 < 20
+
+
+def test_img2dataset_folders_and_parquet_give_what_the_tars_give(tmp_path):
+  """The same samples (3% damaged, duplicates) as tar shards, img2dataset "files"
+  folders and "parquet" files build the same records (content hash, caption, kept
+  field) in the same order, with the same skips by reason."""
+  samples = gen.make_samples(300, corrupt_fraction=0.03, num_duplicates=3)
+  inputs = {"tar": gen.write_shards(str(tmp_path / "tar"), samples, 3)}
+  os.makedirs(tmp_path / "files")
+  os.makedirs(tmp_path / "parquet")
+  inputs["files"] = gen.write_folders(str(tmp_path / "files"), samples, 3)
+  inputs["parquet"] = gen.write_parquet(str(tmp_path / "parquet"), samples, 3)
+  built = {}
+  for kind, paths in inputs.items():
+    out = builders.prepare("webdataset", input=",".join(paths), data_dir=str(tmp_path / "tfds"),
+                           name=f"pairs_{kind}", **dict(ARGS, test_fraction=0))
+    assert out["skipped"] == gen.expected_skips(samples), kind
+    assert out["duplicates"] == 3, kind
+    built[kind] = [(r["content_hash"], r["caption"], r["url"])
+                   for r in _read(tmp_path / "tfds", f"pairs_{kind}", "train")]
+  assert len(built["tar"]) == 300 - sum(gen.expected_skips(samples).values())
+  assert built["files"] == built["tar"] and built["parquet"] == built["tar"]
+
+
+def test_truncated_parquet_counts_one_corrupt_shard(tmp_path):
+  samples = gen.make_samples(20, corrupt_fraction=0, num_duplicates=0)
+  path, = gen.write_parquet(str(tmp_path), samples, 1)
+  _cut_in_half(path)
+  assert list(webdataset.shard_samples(path)) == ["corrupt_shard"]
 
 
 def test_killed_build_is_not_read_as_complete_and_the_rerun_finishes(tmp_path):
