@@ -1,8 +1,9 @@
-"""A run with a non-finite step, shared by the skip and damaged-checkpoint tests."""
+"""A run with a non-finite step, shared by the skip and damaged-checkpoint tests, and
+the fine-tunes of the shared trained workdir that the task tests share."""
 import jax.numpy as jnp
 import pytest
 
-from tests.conftest import micro_config
+from tests.conftest import micro_config, task_micro_config
 
 # The step (1-based) whose images the poisoned runs turn into inf.
 POISONED_STEP = 7
@@ -30,3 +31,14 @@ def poisoned_run(shapes_data_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("poisoned_run")
   _, state, _ = train(config.copy_and_resolve_references(), str(workdir), batch_transform=poison)
   return config, workdir, state
+
+
+def finetune_of(trained_workdir, task, data_dir, tmp_path_factory, **overrides):
+  """(config, workdir) of a `task` micro fine-tune (`task_micro_config` + overrides)
+  initialised from `trained_workdir`, trained in a fresh folder named after the task."""
+  from clusjax.train.loop import train
+  config = task_micro_config(task, data_dir, **overrides)
+  config.init_from = str(trained_workdir)
+  workdir = tmp_path_factory.mktemp(f"{task}_run")
+  train(config, str(workdir))
+  return config, workdir

@@ -11,8 +11,8 @@ from clusjax.config import ConfigError, validate
 from clusjax.data import make_source, shapes
 from clusjax.data.captions import parse_novel_objects
 from clusjax.eval import evaluate
-from clusjax.train.loop import train
 from tests.conftest import task_micro_config
+from tests.train.conftest import finetune_of
 
 
 def test_shapes_caption_source_novel_split(shapes_data_dir):
@@ -69,12 +69,8 @@ def test_caption_config_errors(shapes_data_dir):
 
 @pytest.fixture(scope="module")
 def caption_run(trained_workdir, shapes_data_dir, tmp_path_factory):
-  config = task_micro_config("caption", shapes_data_dir, train__num_steps=2,
-                             train__checkpoint_every=2, eval__num_examples=32)
-  config.init_from = str(trained_workdir)
-  workdir = tmp_path_factory.mktemp("caption_run")
-  train(config, str(workdir))
-  return config, workdir
+  return finetune_of(trained_workdir, "caption", shapes_data_dir, tmp_path_factory,
+                     train__num_steps=2, train__checkpoint_every=2, eval__num_examples=32)
 
 
 def test_caption_finetune_evaluates_and_writes_captions(caption_run):

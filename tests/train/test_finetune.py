@@ -27,6 +27,7 @@ from clusjax.train.optimizer import make_optimizer
 from clusjax.train.restore import load_init_from, resample_pos_embed, restore_model
 from clusjax.train.state import abstract_state, init_state
 from tests.conftest import ROOT, micro_flags, subprocess_env, task_micro_config
+from tests.train.conftest import finetune_of
 
 
 def _one_device():
@@ -106,12 +107,8 @@ def _losses(workdir):
 @pytest.fixture(scope="module")
 def vqa_run(trained_workdir, shapes_data_dir, tmp_path_factory):
   """A shapes-VQA fine-tune of the shared workdir (4 steps, checkpoints at 2 and 4)."""
-  config = task_micro_config("vqa", shapes_data_dir, train__num_steps=4,
-                             train__checkpoint_every=2, eval__num_examples=48)
-  config.init_from = str(trained_workdir)
-  workdir = tmp_path_factory.mktemp("vqa_run")
-  train(config, str(workdir))
-  return config, workdir
+  return finetune_of(trained_workdir, "vqa", shapes_data_dir, tmp_path_factory,
+                     train__num_steps=4, train__checkpoint_every=2, eval__num_examples=48)
 
 
 def test_vqa_finetune_resumes_exactly(vqa_run, trained_workdir):
