@@ -349,18 +349,70 @@ def make_sampled_iterator(source, sampler, *, global_batch_size, seed, image_siz
 _SAMPLED_POSITIONS = 2 ** 40
 
 
+# Consecutive positions that a Grain worker process decodes per element (`_DecodeChunk`).
+WORKER_CHUNK = 32
+
+
+class _DecodeChunk:
+  """chunk c -> the decoded examples of positions [c * size, (c + 1) * size), their
+  arrays stacked: {"examples": {key: array [n_good, ...]}, "slots": [None (the next
+  good example) or a bad-record marker, per position]}.
+
+  Grain's `mp_prefetch` moves every array of an element through its own shared-memory
+  segment; one segment per key per chunk instead of per example is what lets worker
+  processes add throughput (benchmarks/RESULTS.md, "Workers").
+  """
+
+  def __init__(self, indices, decode, size):
+    self.indices, self.decode, self.size = indices, decode, size
+
+  def __call__(self, chunk):
+    out = [self.decode(self.indices[int(chunk) * self.size + j]) for j in range(self.size)]
+    good = [e for e in out if "bad_index" not in e]
+    stacked = {k: np.stack([np.asarray(e[k]) for e in good]) for k in good[0]} if good else {}
+    return {"examples": stacked, "slots": [e if "bad_index" in e else None for e in out]}
+
+
+class _Unchunk(grain.experimental.FlatMapTransform):
+  """`_DecodeChunk`'s output -> its examples in position order (bad-record markers kept)."""
+  max_fan_out = WORKER_CHUNK
+
+  def flat_map(self, element):
+    examples, good = [], 0
+    for slot in element["slots"]:
+      if slot is None:
+        examples.append({k: v[good] for k, v in element["examples"].items()})
+        good += 1
+      else:
+        examples.append(slot)
+    return examples
+
+
 def _decoded_batches(indices, decode, local_batch, num_workers, *, bad_limit):
-  """Grain MapDataset of record indices -> iterator of decoded batches, bad records dropped."""
+  """Grain MapDataset of record indices -> iterator of decoded batches, bad records dropped.
+
+  With worker processes, each decodes chunks of WORKER_CHUNK consecutive positions
+  (`_DecodeChunk`) and the main process splits them back: the same examples in the
+  same order, so the batches (and the iterator state) do not depend on num_workers.
+  """
   # Enough read-ahead for about two batches; Grain's default (500) wastes work
   # when a test or an eval drops the iterator early.
-  read = grain.ReadOptions(num_threads=READ_THREADS,
-                           prefetch_buffer_size=min(max(2 * local_batch, 64), 4096))
-  it = indices.map(decode).to_iter_dataset(read)
+  ahead = min(max(2 * local_batch, 64), 4096)
   if num_workers > 0:
     from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()  # Grain workers read absl flags; a library caller may not parse
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    chunks = grain.MapDataset.range(len(indices) // WORKER_CHUNK).map(
+        _DecodeChunk(indices, decode, WORKER_CHUNK))
+    per_worker = max(1, ahead // (WORKER_CHUNK * num_workers))
+    it = chunks.to_iter_dataset(grain.ReadOptions(num_threads=min(READ_THREADS, per_worker),
+                                                  prefetch_buffer_size=per_worker))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                     per_worker_buffer_size=per_worker))
+    it = grain.experimental.FlatMapIterDataset(it, _Unchunk())
+  else:
+    read = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=ahead)
+    it = indices.map(decode).to_iter_dataset(read)
   it = it.filter(_DropBad(limit=bad_limit)).batch(local_batch, drop_remainder=True)
   return iter(it)
 

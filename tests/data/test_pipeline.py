@@ -149,6 +149,32 @@ def test_train_batches_and_restore_bit_exact(shapes_data_dir, tok, tmp_path):
   manager.close()
 
 
+class SomeBadSource(IndexSource):
+  """IndexSource whose records 3, 10, 17, ... have no image (skipped as missing_image)."""
+
+  def __getitem__(self, i):
+    return {"image": None, "caption": "x"} if i % 7 == 3 else super().__getitem__(i)
+
+
+def test_worker_processes_give_the_batches_and_resume_of_the_main_process(tok, monkeypatch):
+  """Grain worker processes decode chunks of consecutive positions; the batches (bad
+  records dropped, the next ones filling in) are those of the in-process pipeline, and
+  a state taken mid-chunk restores them exactly."""
+  from clusjax.data import pipeline
+  monkeypatch.setattr(pipeline, "WORKER_CHUNK", 5)   # 14 batches: 20+ chunks over 2 workers
+  expected = _train_iter(SomeBadSource(70), tok)
+  expected = [_ids(next(expected)) for _ in range(14)]
+  assert not any(i % 7 == 3 for batch in expected for i in batch)
+  it = _train_iter(SomeBadSource(70), tok, num_workers=2)
+  got = [_ids(next(it)) for _ in range(5)]
+  state = it.get_state()   # 40 good records in: 47 positions, inside a chunk
+  got += [_ids(next(it)) for _ in range(9)]
+  assert got == expected
+  again = _train_iter(SomeBadSource(70), tok, num_workers=2)
+  again.set_state(state)
+  assert [_ids(next(again)) for _ in range(9)] == expected[5:]
+
+
 def test_epochs_cover_the_data_and_are_reshuffled(tok):
   it = _train_iter(IndexSource(16), tok, global_batch_size=16)
   epochs = [_ids(next(it)) for _ in range(3)]
