@@ -126,7 +126,8 @@ def parquet_samples(path, caption_key="txt", json_key="json"):
           elif isinstance(value, (str, int, float, bool)):
             fields[name] = value
         members[json_key] = json.dumps(fields).encode()
-        yield str(row.get("key", n)), members
+        key = row.get("key")
+        yield str(n if key is None else key), members
         n += 1
   except Exception:  # noqa: BLE001 - pyarrow raises many types for a damaged file
     yield "corrupt_shard"
