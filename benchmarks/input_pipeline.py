@@ -23,9 +23,9 @@ measured with time.process_time, so other jobs on a shared machine do not
 lower it much; the worker runs give wall-clock images/s. The per-core runs
 alternate (grain, webdataset, grain, ...) for --rounds rounds, so drifts in
 the machine's speed hit both loaders alike: the table gives each loader's
-median and range, and the median of the per-round ratios grain / webdataset. Prints a Markdown report
-for benchmarks/RESULTS.md, with the host cores an 8-GPU host needs at
-5,000 images/s per GPU.
+median and range, and the median of the per-round ratios grain / webdataset.
+Prints a Markdown report for benchmarks/RESULTS.md, with the host cores an
+8-GPU host needs at 5,000 images/s per GPU.
 """
 import io
 import math
