@@ -1,6 +1,7 @@
 """Data: the built-in captioned-shapes set, record sources, tokenizer, Grain pipelines."""
-from clusjax.data.pipeline import (decode_record, iterate_eval, make_sampled_iterator,
-                                   make_train_iterator, reset_skipped_records, skipped_records)
+from clusjax.data.decoding import decode_record
+from clusjax.data.pipeline import (iterate_eval, make_sampled_iterator, make_train_iterator,
+                                   reset_skipped_records, skipped_records)
 from clusjax.data.shapes import (COLOUR_RGB, COLOURS, KINDS, POSITIONS, SIZES, CaptionedShapes,
                                  make_split, prepare_shapes)
 from clusjax.data.sources import JsonlSource, ShapesSource, TfdsSource, make_source

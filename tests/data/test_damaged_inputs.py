@@ -15,7 +15,7 @@ import PIL.Image
 import pytest
 
 from clusjax import data
-from clusjax.data import pipeline, shapes
+from clusjax.data import decoding, pipeline, shapes
 from clusjax.data.damage import DataError, decode_image_bytes
 from clusjax.data.nlvr import Nlvr2JsonlSource
 from clusjax.data.sources import JsonlSource
@@ -154,13 +154,13 @@ def test_decode_image_bytes_reasons():
 
 def test_clip_caption_keeps_the_tokens(tok):
   text = "a small green triangle\tleft of  an orange circle\n" * 2500   # 125 kB
-  clipped = pipeline.clip_caption(text, L)
+  clipped = decoding.clip_caption(text, L)
   assert len(clipped) <= 64 * L
   for a, b in zip(tok.encode_one(clipped, L), tok.encode_one(text, L)):
     np.testing.assert_array_equal(a, b)
-  assert pipeline.clip_caption("short caption", L) == "short caption"
+  assert decoding.clip_caption("short caption", L) == "short caption"
   # One 100 kB "word": cut at 64 characters per token.
-  assert len(pipeline.clip_caption("x" * 100_000, L)) == 64 * L
+  assert len(decoding.clip_caption("x" * 100_000, L)) == 64 * L
 
 
 def test_malformed_lines_skipped_and_counted(tmp_path):

@@ -95,15 +95,15 @@ def test_large_jpegs_decode_at_a_dct_scale_close_to_a_full_decode(tok):
   """A JPEG over 8/7 of the image size is decoded at the smallest DCT scale that keeps
   both sides >= the size, then resized: within ~1 / 255 of Pillow's full decode +
   bicubic resize; smaller JPEGs are decoded in full (never scaled up)."""
-  from clusjax.data import pipeline
+  from clusjax.data import decoding
   y, x = np.mgrid[:120, :160]
   smooth = np.stack([x * 1.5, y * 2.0, 128 + 60 * np.sin(x / 9.0) * np.cos(y / 7.0)], -1)
   jpeg = io.BytesIO()
   PIL.Image.fromarray(smooth.clip(0, 255).astype(np.uint8)).save(jpeg, format="JPEG", quality=95)
   jpeg = jpeg.getvalue()
-  assert pipeline._fast_jpeg(jpeg, 30).shape == (30, 40, 3)      # 1/4 of 120 x 160
-  assert pipeline._fast_jpeg(jpeg, 100).shape == (105, 140, 3)   # 7/8
-  assert pipeline._fast_jpeg(jpeg, 130).shape == (120, 160, 3)   # a side < 130: full
+  assert decoding._fast_jpeg(jpeg, 30).shape == (30, 40, 3)      # 1/4 of 120 x 160
+  assert decoding._fast_jpeg(jpeg, 100).shape == (105, 140, 3)   # 7/8
+  assert decoding._fast_jpeg(jpeg, 130).shape == (120, 160, 3)   # a side < 130: full
   for size in (30, 100, 130):
     out = data.decode_record({"image": jpeg, "caption": "a red circle."}, image_size=size,
                              tokenizer=tok, max_text_len=L)["image"]
