@@ -7,12 +7,10 @@ Everything stateful (checkpoints, logging, the data iterator) lives here; the
 step itself is the pure function in `clusjax/train/step.py`.
 """
 import os
-import shutil
 import time
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from clusjax import workdir as wd
@@ -20,7 +18,7 @@ from clusjax.api import Pretrained
 from clusjax.clustering import next_k_max, write_cluster_plots
 from clusjax.config import (ConfigError, caption_negative_groups, task_of, train_stages,
                             validate)
-from clusjax.data import Tokenizer, make_sampled_iterator, make_source, make_train_iterator
+from clusjax.data import make_sampled_iterator, make_source, make_train_iterator
 from clusjax.data.pipeline import skip_metrics
 from clusjax.data.sampler import ClusteredSampler
 from clusjax.data.prompts import labeler_from_config, tagger_from_config
@@ -33,78 +31,14 @@ from clusjax.train.checkpoint import Checkpointer
 from clusjax.train.errors import NonFiniteError
 from clusjax.train.metrics_writer import MetricWriter
 from clusjax.train.optimizer import make_optimizer
-from clusjax.train.restore import (load_init_from, load_tokenizer, restore_model,
-                                   tokenizer_fingerprint)
+from clusjax.train.restore import load_init_from, restore_model, tokenizer_fingerprint
 from clusjax.train.state import abstract_state, dummy_batch, init_state
 from clusjax.train.state import grow_state
 from clusjax.train.stages import (cluster_assignment, describe_assignment, stage_at,
                                   stage_config)
 from clusjax.train.objective import TextIds
+from clusjax.train.run_tokenizer import distill_teacher, get_tokenizer
 from clusjax.train.step import make_cluster_step, make_train_step
-
-# Captions read to train a tokenizer when the config names none.
-TOKENIZER_TRAIN_CAPTIONS = 50_000
-
-
-def _copy_hf_tokenizer(init_from, dest):
-  src = init_from if os.path.isdir(init_from) else os.path.dirname(init_from)
-  files = [f for f in wd.HF_TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
-  if not any(f in files for f in ("tokenizer.json", "vocab.txt")):
-    raise FileNotFoundError(
-        f"config.model.text.init_from={init_from!r}: no tokenizer.json or vocab.txt in {src!r}; "
-        "the text tower needs the vocabulary it was trained with.")
-  tmp = dest + ".partial"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  for f in files:
-    shutil.copyfile(os.path.join(src, f), os.path.join(tmp, f))
-  os.replace(tmp, dest)
-
-
-def _copy_workdir_tokenizer(src_workdir, workdir):
-  hf_dir = wd.path(src_workdir, wd.HF_TOKENIZER_DIR)
-  if os.path.isdir(hf_dir):
-    _copy_hf_tokenizer(hf_dir, wd.path(workdir, wd.HF_TOKENIZER_DIR))
-  else:
-    shutil.copyfile(wd.path(src_workdir, wd.TOKENIZER_FILE), wd.path(workdir, wd.TOKENIZER_FILE))
-
-
-def _distill_teacher(config):
-  return config.get("distill", {}).get("teacher", "")
-
-
-def get_tokenizer(config, workdir, train_source):
-  """The workdir's tokenizer: copied from config.init_from's workdir,
-  model.text.init_from's checkpoint, config.data.tokenizer or the distillation
-  teacher's workdir, or trained on the training captions.
-
-  Once in the workdir it is reused as is (resume, eval, export).
-  """
-  file = wd.path(workdir, wd.TOKENIZER_FILE)
-  hf_dir = wd.path(workdir, wd.HF_TOKENIZER_DIR)
-  init_from = config.model.text.init_from
-  if jax.process_index() == 0 and not (os.path.exists(file) or os.path.isdir(hf_dir)):
-    if config.get("init_from"):   # the weights read its token ids
-      _copy_workdir_tokenizer(config.init_from, workdir)
-    elif init_from:
-      _copy_hf_tokenizer(init_from, hf_dir)
-    elif config.data.tokenizer:
-      if not os.path.exists(config.data.tokenizer):
-        raise FileNotFoundError(f"config.data.tokenizer={config.data.tokenizer!r} does not exist.")
-      shutil.copyfile(config.data.tokenizer, file)
-    elif _distill_teacher(config):   # the teacher reads the batch's token ids
-      _copy_workdir_tokenizer(_distill_teacher(config), workdir)
-    else:
-      n = min(len(train_source), TOKENIZER_TRAIN_CAPTIONS)
-      captions = [train_source[i]["caption"] for i in range(n)]
-      # Written whole or not at all: a run killed here must not leave half a model.
-      Tokenizer.train(captions, file + ".partial", config.data.vocab_size)
-      os.replace(file + ".partial", file)
-      print(f"Trained a SentencePiece tokenizer on {n} captions -> {file}", flush=True)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("tokenizer")
-  return load_tokenizer(workdir)
-
 
 def _global_batch(local_batch, sharding):
   """Host-local numpy batch -> global jax.Arrays sharded over the batch axes."""
@@ -160,7 +94,7 @@ def load_teacher(config, workdir, mesh, rules):
   `validate` has checked that it reads the student's image size and text
   length; here, that it reads the same token ids.
   """
-  teacher = _distill_teacher(config)
+  teacher = distill_teacher(config)
   if tokenizer_fingerprint(teacher) != tokenizer_fingerprint(workdir):
     raise ConfigError(f"config.distill.teacher={teacher!r} has another tokenizer than {workdir!r}; "
                       "the teacher reads the student's token ids, so the student must use its "
@@ -335,7 +269,7 @@ def train(config, workdir, *, batch_transform=None):
   targets = task_targets(config, vocab)
   num_steps = config.train.num_steps
   tx, schedule = make_optimizer(config.optim, num_steps)
-  teacher = load_teacher(config, workdir, mesh, rules) if _distill_teacher(config) else None
+  teacher = load_teacher(config, workdir, mesh, rules) if distill_teacher(config) else None
   stages = train_stages(config)
 
   def build():   # the current stage's step (its loss weights) at the current K_max
