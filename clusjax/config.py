@@ -37,7 +37,7 @@ ITC_KINDS = ("infonce", "siglip", "softclip", "label_smooth")
 SOFTCLIP_SELF_SIMILARITY = ("features", "tags")
 # clusjax.models.vit stems, clusjax.data.shapes VERSIONS and shapes_v2.BACKGROUNDS,
 # clusjax.eval.retrieval.RERANK_SCORES (kept here: no jax / TFDS import; a test checks).
-VISION_STEMS = ("patch", "conv")
+VISION_STEMS = ("patch", "conv", "pool")
 SHAPES_VERSIONS = (1, 2)
 SHAPES_BACKGROUNDS = ("dark", "noise", "light")
 RERANK_SCORES = ("itm", "itm+itc")

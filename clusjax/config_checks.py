@@ -75,9 +75,11 @@ def check_model(config):
                       f"{patch} makes {tokens} image tokens: one image's attention scores would "
                       f"take {scores:.3g} bytes, over the {MAX_ARRAY_BYTES / 2**40:g} TiB no one "
                       "machine holds: lower the image size or raise the patch size.")
-  if config.model.vision.get("stem") == "conv" and (patch < 2 or patch & (patch - 1)):
-    raise ConfigError(f"config.model.vision.stem='conv' needs a power-of-two "
-                      f"config.model.vision.patch_size >= 2; it is {patch}.")
+  stem = config.model.vision.get("stem")
+  smallest = {"conv": 2, "pool": 4}.get(stem, 1)
+  if smallest > 1 and (patch < smallest or patch & (patch - 1)):
+    raise ConfigError(f"config.model.vision.stem={stem!r} needs a power-of-two "
+                      f"config.model.vision.patch_size >= {smallest}; it is {patch}.")
   for tower in ("vision", "text"):
     width = config.model[tower].width
     if width % config.model.text.num_heads:

@@ -101,7 +101,8 @@ def get_config(arg=None):
 
   c.model = ml_collections.ConfigDict()
   # stem: patch (ViT's linear patch projection) | conv (3x3 stride-2 convolutions
-  # down to the patch grid; clusjax/models/vit.py).
+  # down to the patch grid) | pool (a 4x4 patch conv, then 3x3 convolutions with
+  # 2x2 max pooling down to the grid); clusjax/models/vit.py.
   c.model.vision = ml_collections.ConfigDict(
       dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072, stem="patch"))
   # text.init_from: a PyTorch BERT checkpoint (transformers directory or weights file)

@@ -47,6 +47,17 @@ def test_validate_names_the_bad_key(key, value, message):
     validate(c, num_devices=8)
 
 
+@pytest.mark.parametrize("stem,patch,smallest", [("conv", 12, 2), ("pool", 2, 4)])
+def test_a_convolutional_stem_needs_a_power_of_two_patch(stem, patch, smallest):
+  c = clus_base.get_config("tiny")
+  with c.unlocked():
+    c.model.vision.stem, c.model.vision.patch_size, c.data.image_size = stem, patch, 48
+  with pytest.raises(ConfigError, match=re.escape(
+      f"config.model.vision.stem={stem!r} needs a power-of-two config.model.vision.patch_size "
+      f">= {smallest}; it is {patch}.")):
+    validate(c, num_devices=8)
+
+
 def test_mesh_resolution():
   assert resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == dict(data=2, fsdp=2, tensor=2)
   with pytest.raises(ConfigError, match="config.mesh"):
@@ -242,7 +253,7 @@ def _nan():
     ("data.tokenizer", "/no/such/sp.model", "config.data.tokenizer='/no/such/sp.model' does not"),
     ("data.jsonl.test", "/no/such.jsonl", "config.data.jsonl.test='/no/such.jsonl' does not"),
     ("seed", True, "config.seed=True must be an integer"),
-    ("model.vision.stem", "vit", "config.model.vision.stem='vit' must be one of patch, conv"),
+    ("model.vision.stem", "vit", "config.model.vision.stem='vit' must be one of patch, conv, pool"),
     ("data.shapes_backgrounds", ("dark", "sky"), "config.data.shapes_backgrounds=('dark', 'sky')"),
 ])
 def test_bad_values_are_refused_before_anything_runs(key, value, message):

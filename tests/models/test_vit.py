@@ -7,7 +7,7 @@ import pytest
 
 from clusjax.export import vit_config_to_hf, vit_params_from_hf, vit_params_to_hf
 from clusjax.models import ViT
-from clusjax.models.vit import ConvStem
+from clusjax.models.vit import ConvStem, PoolStem
 from tests.models.test_layers import (assert_logically_annotated, assert_sharded_matches,
                                       randomize)
 
@@ -104,3 +104,27 @@ def test_conv_stem_tokens_and_translation_equivariance():
   with pytest.raises(ValueError, match="stem='pixel'"):
     ViT(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64, stem="pixel").init(
         jax.random.PRNGKey(0), images)
+
+
+@pytest.mark.parametrize("patch", [4, 16])
+def test_pool_stem_tokens_and_translation_equivariance(patch):
+  """stem='pool': a 4x4 patch conv then log2(P/4) conv + 2x2 max-pool stages give the
+  patch stem's token grid; a shape moved by one patch moves its features by one token."""
+  size = 4 * patch
+  model = ViT(patch_size=patch, width=32, depth=1, num_heads=2, mlp_dim=64, stem="pool")
+  images = jnp.zeros((2, size, size, 3))
+  params = model.init(jax.random.PRNGKey(0), images)["params"]
+  n = patch.bit_length() - 3
+  assert list(params["pool_stem"]) == [f"conv_{i}" for i in range(n + 1)]
+  assert nn.meta.unbox(params["pool_stem"]["conv_0"]["kernel"]).shape == (4, 4, 3, 32 >> n)
+  assert model.apply({"params": params}, images).shape == (2, 1 + 16, 32)
+  stem = lambda x: PoolStem(patch, 32).apply({"params": params["pool_stem"]}, x)  # noqa: E731
+  a = np.zeros((1, size, size, 3), np.float32)
+  a[0, patch // 2:patch, patch // 4:patch - 1] = (1.0, -0.5, 0.25)
+  b = np.roll(a, patch, axis=2)
+  fa, fb = np.asarray(stem(jnp.asarray(a))), np.asarray(stem(jnp.asarray(b)))
+  assert np.abs(fa).max() > 0
+  np.testing.assert_allclose(fb[0, :, 1:3], fa[0, :, 0:2], atol=1e-5)
+  with pytest.raises(ValueError, match="stem='pool' needs a power-of-two patch_size >= 4"):
+    ViT(patch_size=2, width=32, depth=1, num_heads=2, mlp_dim=64, stem="pool").init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
