@@ -32,6 +32,15 @@ from clusjax.models.layers import (ACT_EMBED, LayerNorm, TransformerBlock, const
 Dtype = Any
 
 
+def _stem_conv(features, window, stride, padding, dtype, name):
+  """A square conv of a convolutional stem: He-normal kernel, zero bias, params float32."""
+  return nn.Conv(features, (window, window), strides=(stride, stride), padding=padding,
+                 dtype=dtype, param_dtype=jnp.float32, name=name,
+                 kernel_init=nn.with_logical_partitioning(
+                     nn.initializers.he_normal(), (None, None, None, None)),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
+
+
 class ConvStem(nn.Module):
   """[B, H, W, 3] -> [B, H/P, W/P, width]: log2(P) 3x3 stride-2 conv + GELU (ViT stem='conv').
 
@@ -52,12 +61,7 @@ class ConvStem(nn.Module):
                        f"got {self.patch_size}.")
     for i in range(n):
       features = max(self.width >> (n - 1 - i), 8)
-      x = nn.Conv(features, (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype,
-                  param_dtype=jnp.float32, name=f"conv_{i}",
-                  kernel_init=nn.with_logical_partitioning(
-                      nn.initializers.he_normal(), (None, None, None, None)),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(x)
-      x = nn.gelu(x)
+      x = nn.gelu(_stem_conv(features, 3, 2, "SAME", self.dtype, f"conv_{i}")(x))
     return x
 
 
@@ -82,18 +86,11 @@ class PoolStem(nn.Module):
     if n < 0 or self.patch_size != 4 << n:
       raise ValueError(f"ViT: stem='pool' needs a power-of-two patch_size >= 4; "
                        f"got {self.patch_size}.")
-    for i in range(n + 1):
+    x = nn.relu(_stem_conv(max(self.width >> n, 8), 4, 4, "VALID", self.dtype, "conv_0")(x))
+    for i in range(1, n + 1):
       features = max(self.width >> (n - i), 8)
-      window = (4, 4) if i == 0 else (3, 3)
-      x = nn.Conv(features, window, strides=window if i == 0 else (1, 1),
-                  padding="VALID" if i == 0 else "SAME", dtype=self.dtype,
-                  param_dtype=jnp.float32, name=f"conv_{i}",
-                  kernel_init=nn.with_logical_partitioning(
-                      nn.initializers.he_normal(), (None, None, None, None)),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(x)
-      x = nn.relu(x)
-      if i:
-        x = nn.max_pool(x, (2, 2), (2, 2))
+      x = nn.relu(_stem_conv(features, 3, 1, "SAME", self.dtype, f"conv_{i}")(x))
+      x = nn.max_pool(x, (2, 2), (2, 2))
     return x
 
 
