@@ -37,7 +37,7 @@ ITC_KINDS = ("infonce", "siglip", "softclip", "label_smooth")
 SOFTCLIP_SELF_SIMILARITY = ("features", "tags")
 # clusjax.models.vit stems, clusjax.data.shapes VERSIONS and shapes_v2.BACKGROUNDS,
 # clusjax.eval.retrieval.RERANK_SCORES (kept here: no jax / TFDS import; a test checks).
-VISION_STEMS = ("patch", "conv", "pool")
+VISION_STEMS = ("patch", "conv", "pool", "cnn")
 SHAPES_VERSIONS = (1, 2)
 SHAPES_BACKGROUNDS = ("dark", "noise", "light")
 RERANK_SCORES = ("itm", "itm+itc")
@@ -133,6 +133,7 @@ RULES = (
       for key in ("width", "depth", "num_heads", "mlp_dim")),
     ("model.vision.patch_size", INT, POSITIVE),
     ("model.vision.stem", STR, OneOf(VISION_STEMS), has("model.vision.stem")),
+    ("model.vision.stem_max_cls", BOOL, None, has("model.vision.stem_max_cls")),
     ("model.text.init_from", STR, EXISTING_PATH),   # a transformers BERT dir or weights file
     ("model.embed_dim", INT, POSITIVE),
     ("model.dropout", FLOAT, Range(0, 1, high_open=True)),   # 1 would divide by 0

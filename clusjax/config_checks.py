@@ -76,10 +76,13 @@ def check_model(config):
                       f"take {scores:.3g} bytes, over the {MAX_ARRAY_BYTES / 2**40:g} TiB no one "
                       "machine holds: lower the image size or raise the patch size.")
   stem = config.model.vision.get("stem")
-  smallest = {"conv": 2, "pool": 4}.get(stem, 1)
+  smallest = {"conv": 2, "pool": 4, "cnn": 2}.get(stem, 1)
   if smallest > 1 and (patch < smallest or patch & (patch - 1)):
     raise ConfigError(f"config.model.vision.stem={stem!r} needs a power-of-two "
                       f"config.model.vision.patch_size >= {smallest}; it is {patch}.")
+  if config.model.vision.get("stem_max_cls") and smallest == 1:
+    raise ConfigError(f"config.model.vision.stem_max_cls=True needs a convolutional "
+                      f"config.model.vision.stem (conv, pool or cnn); it is {stem!r}.")
   for tower in ("vision", "text"):
     width = config.model[tower].width
     if width % config.model.text.num_heads:

@@ -102,9 +102,12 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict()
   # stem: patch (ViT's linear patch projection) | conv (3x3 stride-2 convolutions
   # down to the patch grid) | pool (a 4x4 patch conv, then 3x3 convolutions with
-  # 2x2 max pooling down to the grid); clusjax/models/vit.py.
+  # 2x2 max pooling down to the grid) | cnn (3x3 convolutions with 2x2 max pooling
+  # from full resolution); stem_max_cls: [CLS] gets the stem's features max-pooled
+  # over the image (not with stem=patch); clusjax/models/vit.py.
   c.model.vision = ml_collections.ConfigDict(
-      dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072, stem="patch"))
+      dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072, stem="patch",
+           stem_max_cls=False))
   # text.init_from: a PyTorch BERT checkpoint (transformers directory or weights file)
   # to start the text tower from (clusjax.export.import_bert); "" = random init.
   c.model.text = ml_collections.ConfigDict(
@@ -265,7 +268,8 @@ def _tiny(c):
   # Patch 16: 16 image tokens (patch 8: 64) make the step ~1.5x faster; the
   # shapes (11 and 19 px) are still told apart.
   c.model.vision = ml_collections.ConfigDict(
-      dict(patch_size=16, width=128, depth=4, num_heads=4, mlp_dim=512, stem="patch"))
+      dict(patch_size=16, width=128, depth=4, num_heads=4, mlp_dim=512, stem="patch",
+           stem_max_cls=False))
   c.model.text = ml_collections.ConfigDict(
       dict(width=128, depth=4, num_heads=4, mlp_dim=512, init_from=""))
   c.model.fusion_depth = 1

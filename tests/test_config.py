@@ -47,7 +47,20 @@ def test_validate_names_the_bad_key(key, value, message):
     validate(c, num_devices=8)
 
 
-@pytest.mark.parametrize("stem,patch,smallest", [("conv", 12, 2), ("pool", 2, 4)])
+def test_stem_max_cls_needs_a_convolutional_stem():
+  c = clus_base.get_config("tiny")
+  with c.unlocked():
+    c.model.vision.stem_max_cls = True
+  with pytest.raises(ConfigError, match=re.escape(
+      "config.model.vision.stem_max_cls=True needs a convolutional config.model.vision.stem "
+      "(conv, pool or cnn); it is 'patch'.")):
+    validate(c, num_devices=8)
+  with c.unlocked():
+    c.model.vision.stem = "cnn"
+  validate(c, num_devices=8)
+
+
+@pytest.mark.parametrize("stem,patch,smallest", [("conv", 12, 2), ("pool", 2, 4), ("cnn", 12, 2)])
 def test_a_convolutional_stem_needs_a_power_of_two_patch(stem, patch, smallest):
   c = clus_base.get_config("tiny")
   with c.unlocked():
@@ -253,7 +266,7 @@ def _nan():
     ("data.tokenizer", "/no/such/sp.model", "config.data.tokenizer='/no/such/sp.model' does not"),
     ("data.jsonl.test", "/no/such.jsonl", "config.data.jsonl.test='/no/such.jsonl' does not"),
     ("seed", True, "config.seed=True must be an integer"),
-    ("model.vision.stem", "vit", "config.model.vision.stem='vit' must be one of patch, conv, pool"),
+    ("model.vision.stem", "vit", "config.model.vision.stem='vit' must be one of patch, conv, pool, cnn"),
     ("data.shapes_backgrounds", ("dark", "sky"), "config.data.shapes_backgrounds=('dark', 'sky')"),
 ])
 def test_bad_values_are_refused_before_anything_runs(key, value, message):

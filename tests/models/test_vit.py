@@ -7,7 +7,7 @@ import pytest
 
 from clusjax.export import vit_config_to_hf, vit_params_from_hf, vit_params_to_hf
 from clusjax.models import ViT
-from clusjax.models.vit import ConvStem, PoolStem
+from clusjax.models.vit import CnnStem, ConvStem, PoolStem, _Conv3x3
 from tests.models.test_layers import (assert_logically_annotated, assert_sharded_matches,
                                       randomize)
 
@@ -106,25 +106,61 @@ def test_conv_stem_tokens_and_translation_equivariance():
         jax.random.PRNGKey(0), images)
 
 
-@pytest.mark.parametrize("patch", [4, 16])
-def test_pool_stem_tokens_and_translation_equivariance(patch):
-  """stem='pool': a 4x4 patch conv then log2(P/4) conv + 2x2 max-pool stages give the
-  patch stem's token grid; a shape moved by one patch moves its features by one token."""
+@pytest.mark.parametrize("kind,patch", [("pool", 4), ("pool", 16), ("cnn", 2), ("cnn", 16)])
+def test_pooled_stems_tokens_and_translation_equivariance(kind, patch):
+  """stem='pool' (a 4x4 patch conv, then log2(P/4) conv + 2x2 max-pool stages) and
+  stem='cnn' (log2(P) such stages from full resolution) give the patch stem's token
+  grid; a shape moved by one patch moves its features by one token."""
   size = 4 * patch
-  model = ViT(patch_size=patch, width=32, depth=1, num_heads=2, mlp_dim=64, stem="pool")
+  model = ViT(patch_size=patch, width=32, depth=1, num_heads=2, mlp_dim=64, stem=kind)
   images = jnp.zeros((2, size, size, 3))
   params = model.init(jax.random.PRNGKey(0), images)["params"]
-  n = patch.bit_length() - 3
-  assert list(params["pool_stem"]) == [f"conv_{i}" for i in range(n + 1)]
-  assert nn.meta.unbox(params["pool_stem"]["conv_0"]["kernel"]).shape == (4, 4, 3, 32 >> n)
+  n = patch.bit_length() - 1
+  first, convs = ((4, 32 >> (n - 2)), n - 1) if kind == "pool" else ((3, max(32 >> (n - 1), 8)), n)
+  assert list(params[f"{kind}_stem"]) == [f"conv_{i}" for i in range(convs)]
+  assert nn.meta.unbox(params[f"{kind}_stem"]["conv_0"]["kernel"]).shape == (
+      first[0], first[0], 3, first[1])
+  assert nn.meta.unbox(params[f"{kind}_stem"][f"conv_{convs - 1}"]["kernel"]).shape[-1] == 32
   assert model.apply({"params": params}, images).shape == (2, 1 + 16, 32)
-  stem = lambda x: PoolStem(patch, 32).apply({"params": params["pool_stem"]}, x)  # noqa: E731
-  a = np.zeros((1, size, size, 3), np.float32)
-  a[0, patch // 2:patch, patch // 4:patch - 1] = (1.0, -0.5, 0.25)
+  module = {"pool": PoolStem, "cnn": CnnStem}[kind](patch, 32)
+  stem = lambda x: module.apply({"params": params[f"{kind}_stem"]}, x)  # noqa: E731
+  # A wide image, the shape two patches in from the left: the features it spreads through
+  # the convolutions stay clear of the borders, where zero padding truncates them.
+  a = np.zeros((1, size, 8 * patch, 3), np.float32)
+  a[0, patch // 2:patch, 2 * patch + patch // 4:max(3 * patch - 1, 2 * patch + 1)] = (1.0, -0.5, 0.25)
   b = np.roll(a, patch, axis=2)
   fa, fb = np.asarray(stem(jnp.asarray(a))), np.asarray(stem(jnp.asarray(b)))
   assert np.abs(fa).max() > 0
-  np.testing.assert_allclose(fb[0, :, 1:3], fa[0, :, 0:2], atol=1e-5)
-  with pytest.raises(ValueError, match="stem='pool' needs a power-of-two patch_size >= 4"):
-    ViT(patch_size=2, width=32, depth=1, num_heads=2, mlp_dim=64, stem="pool").init(
-        jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+  np.testing.assert_allclose(fb[0, :, 3:6], fa[0, :, 2:5], atol=1e-5)
+  smallest, bad = {"pool": (4, 2), "cnn": (2, 6)}[kind]
+  with pytest.raises(ValueError, match=f"stem='{kind}' needs a power-of-two patch_size >= {smallest}"):
+    ViT(patch_size=bad, width=32, depth=1, num_heads=2, mlp_dim=64, stem=kind).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 4 * bad, 4 * bad, 3)))
+
+
+def test_stem_conv_matches_lax_convolution():
+  """The pooled stems' 3x3 conv (im2col on the CPU) is nn.Conv's 'SAME' convolution."""
+  x = jax.random.normal(jax.random.key(1), (2, 12, 10, 5))
+  params = _Conv3x3(7).init(jax.random.key(2), x)["params"]
+  params = jax.tree.map(lambda a: a + 0.1, nn.meta.unbox(params))    # a bias that is not zero
+  np.testing.assert_allclose(_Conv3x3(7).apply({"params": params}, x),
+                             nn.Conv(7, (3, 3)).apply({"params": params}, x), atol=1e-5)
+
+
+def test_stem_max_cls_adds_the_stems_global_max_to_cls_only():
+  """stem_max_cls: [CLS] out = the plain model's [CLS] + stem_max_proj(max over the stem's
+  grid); the image tokens are unchanged. stem='patch' has no stem features to pool."""
+  kw = dict(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64, stem="cnn")
+  images = _images(hw=(32, 32))
+  params = nn.meta.unbox(ViT(**kw, stem_max_cls=True).init(jax.random.key(0), images)["params"])
+  out = ViT(**kw, stem_max_cls=True).apply({"params": params}, images)
+  plain = ViT(**kw).apply({"params": {k: v for k, v in params.items() if k != "stem_max_proj"}},
+                          images)
+  np.testing.assert_allclose(out[:, 1:], plain[:, 1:], atol=1e-6)
+  stem_max = CnnStem(8, 32).apply({"params": params["cnn_stem"]}, images).max(axis=(1, 2))
+  proj = params["stem_max_proj"]
+  np.testing.assert_allclose(out[:, 0], plain[:, 0] + stem_max @ proj["kernel"] + proj["bias"],
+                             atol=1e-5)
+  assert float(jnp.abs(out[:, 0] - plain[:, 0]).max()) > 1e-3
+  with pytest.raises(ValueError, match="stem_max_cls needs a convolutional stem"):
+    ViT(**{**kw, "stem": "patch"}, stem_max_cls=True).init(jax.random.key(0), images)
