@@ -57,6 +57,10 @@ MICRO = {
     "data.max_text_len": 24,
     "data.vocab_size": 128,
     "model.vision.patch_size": 8,
+    # The patch stem (:tiny ships the CNN stem, tests/models/test_vit.py covers it): the
+    # export tests need it, and it keeps each micro step cheap.
+    "model.vision.stem": "patch",
+    "model.vision.stem_max_cls": False,
     "model.embed_dim": 16,
     "train.batch_size": 16,
     "train.num_steps": 6,
