@@ -50,7 +50,7 @@ def test_validate_names_the_bad_key(key, value, message):
 def test_stem_max_cls_needs_a_convolutional_stem():
   c = clus_base.get_config("tiny")
   with c.unlocked():
-    c.model.vision.stem_max_cls = True
+    c.model.vision.stem, c.model.vision.stem_max_cls = "patch", True
   with pytest.raises(ConfigError, match=re.escape(
       "config.model.vision.stem_max_cls=True needs a convolutional config.model.vision.stem "
       "(conv, pool or cnn); it is 'patch'.")):
@@ -257,8 +257,8 @@ def _nan():
     ("data.train_split", "", "config.data.train_split='' must name a split"),
     ("data.train_split", "tset", "config.data.train_split='tset': the built-in shapes have"),
     ("data.image_size", 10**12, "config.data.image_size=1000000000000 is out of range"),
-    ("data.image_size", 1_000_000, "config.train.batch_size=96 x config.data.image_size=1000000^2"
-                                   " x 12 bytes = 1.15e+15 bytes for a training batch of images"),
+    ("data.image_size", 1_000_000, "config.train.batch_size=64 x config.data.image_size=1000000^2"
+                                   " x 12 bytes = 7.68e+14 bytes for a training batch of images"),
     ("train.batch_size", 10**9, "config.train.batch_size=1000000000 x config.data.image_size=64^2"),
     ("eval.num_examples", 10**7, "config.eval.num_examples=10000000^2 x 4 bytes"),
     ("mesh.data", -7, "config.mesh.data=-7 must be a positive integer or -1"),
