@@ -44,6 +44,15 @@ def _stem_conv(features, window, stride, padding, dtype, name):
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
 
 
+def _log2_patch(patch_size, smallest, stem):
+  """log2(patch_size), checking that it is a power of two >= `smallest` (stem: its name)."""
+  n = patch_size.bit_length() - 1
+  if patch_size != 1 << n or patch_size < smallest:
+    raise ValueError(f"ViT: stem={stem!r} needs a power-of-two patch_size >= {smallest}; "
+                     f"got {patch_size}.")
+  return n
+
+
 class ConvStem(nn.Module):
   """[B, H, W, 3] -> [B, H/P, W/P, width]: log2(P) 3x3 stride-2 conv + GELU (ViT stem='conv').
 
@@ -58,10 +67,7 @@ class ConvStem(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    n = self.patch_size.bit_length() - 1
-    if self.patch_size != 2 ** n or n < 1:
-      raise ValueError(f"ViT: stem='conv' needs a power-of-two patch_size >= 2; "
-                       f"got {self.patch_size}.")
+    n = _log2_patch(self.patch_size, 2, "conv")
     for i, features in enumerate(_stage_channels(self.width, n)):
       x = nn.gelu(_stem_conv(features, 3, 2, "SAME", self.dtype, f"conv_{i}")(x))
     return x
@@ -131,10 +137,7 @@ class PoolStem(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    n = self.patch_size.bit_length() - 3          # pooled stages after the 4x4 patch conv
-    if n < 0 or self.patch_size != 4 << n:
-      raise ValueError(f"ViT: stem='pool' needs a power-of-two patch_size >= 4; "
-                       f"got {self.patch_size}.")
+    n = _log2_patch(self.patch_size, 4, "pool") - 2   # pooled stages after the 4x4 patch conv
     x = nn.relu(_stem_conv(max(self.width >> n, 8), 4, 4, "VALID", self.dtype, "conv_0")(x))
     return _pooled_stages(x, _stage_channels(self.width, n + 1)[1:], self.dtype, 1)
 
@@ -155,10 +158,7 @@ class CnnStem(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    n = self.patch_size.bit_length() - 1
-    if self.patch_size != 2 ** n or n < 1:
-      raise ValueError(f"ViT: stem='cnn' needs a power-of-two patch_size >= 2; "
-                       f"got {self.patch_size}.")
+    n = _log2_patch(self.patch_size, 2, "cnn")
     return _pooled_stages(x, _stage_channels(self.width, n), self.dtype, 0)
 
 
