@@ -50,15 +50,21 @@ def test_train_eval_and_load_pretrained(shapes_data_dir, tmp_path):
     np.testing.assert_allclose(again[key], value, atol=1e-6)
 
 
+def _metrics(workdir):
+  return [json.loads(line) for line in (workdir / wd.METRICS_FILE).read_text().splitlines()]
+
+
 def _final_loss(workdir):
-  lines = (workdir / wd.METRICS_FILE).read_text().splitlines()
-  last = json.loads(lines[-1])
+  last = [m for m in _metrics(workdir) if "loss" in m][-1]
   return last["step"], last["loss"]
 
 
 def test_sigkill_then_rerun_resumes_exactly(shapes_data_dir, tmp_path):
-  flags = micro_flags(shapes_data_dir, train__num_steps=150, train__checkpoint_every=10,
-                      train__log_every=10, train__eval_at_end=False)
+  # Killed after its first checkpoint (step 10); the rerun goes through DBSCAN
+  # clustering between steps (at 20 and 40, over a queue of 10 steps) to step 40.
+  flags = micro_flags(shapes_data_dir, train__num_steps=40, train__checkpoint_every=10,
+                      train__log_every=10, train__eval_at_end=False,
+                      clustering__cluster_every=20, clustering__queue_size=320)
   full = tmp_path / "full"
   proc = subprocess.run(MAIN + [f"--workdir={full}"] + flags, capture_output=True, text=True,
                         env=subprocess_env(), timeout=600)
@@ -75,12 +81,16 @@ def test_sigkill_then_rerun_resumes_exactly(shapes_data_dir, tmp_path):
   run.send_signal(signal.SIGKILL)
   run.wait()
   step_at_kill, _ = _final_loss(killed)
-  assert step_at_kill < 150
+  assert step_at_kill < 40
 
   proc = subprocess.run(MAIN + [f"--workdir={killed}"] + flags, capture_output=True, text=True,
                         env=subprocess_env(), timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   step_full, loss_full = _final_loss(full)
   step_resumed, loss_resumed = _final_loss(killed)
-  assert step_full == step_resumed == 150
+  assert step_full == step_resumed == 40
   np.testing.assert_allclose(loss_resumed, loss_full, rtol=1e-5)
+  # The clustering between steps was redone the same way after the kill.
+  clustered = [[m for m in _metrics(w) if "clustering/num_clusters" in m] for w in (full, killed)]
+  assert [m["step"] for m in clustered[0]] == [20, 40]
+  assert clustered[1][-2:] == clustered[0]
