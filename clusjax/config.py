@@ -152,6 +152,7 @@ RULES = (
     *((f"loss.{key}", FLOAT, NON_NEGATIVE) for key in (
         "itc_weight", "itm_weight", "mlm_weight", "swap_weight", "prompt_weight",
         "noun_code_weight")),
+    ("loss.noun_code_text_weight", FLOAT, NON_NEGATIVE, has("loss.noun_code_text_weight")),
     ("loss.swap_prediction", BOOL),
     ("loss.itm_caption_negatives", BOOL, None, has("loss.itm_caption_negatives")),
     ("loss.mlm_probability", FLOAT, Range(0, 1, low_open=True)),
@@ -227,7 +228,7 @@ SAMPLERS = ("random", "clustered")
 # The config.loss keys a stage may set: weights only (a term whose weight is 0
 # is not computed), so every stage trains the same parameters.
 STAGE_LOSS_KEYS = ("itc_weight", "itm_weight", "mlm_weight", "swap_weight", "prompt_weight",
-                   "noun_code_weight", "unimodal.image_weight", "unimodal.text_weight",
+                   "noun_code_weight", "noun_code_text_weight", "unimodal.image_weight", "unimodal.text_weight",
                    "task_weight")
 
 

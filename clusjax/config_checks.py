@@ -27,7 +27,8 @@ def itc_kind(loss_config):
 
 def prompts_on(config):
   """Whether config.prompt_labels is read (a prompt-label loss is on)."""
-  return bool(config.loss.prompt_weight or config.loss.noun_code_weight)
+  return any(config.loss.get(key, 0.0) for key in (
+      "prompt_weight", "noun_code_weight", "noun_code_text_weight"))
 
 
 def _arrays(config):

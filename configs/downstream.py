@@ -29,7 +29,7 @@ def task_config(task, arg):
   c = clus_base.get_config(arg or None)
   c.task = task
   for key in ("itc_weight", "itm_weight", "mlm_weight", "swap_weight", "prompt_weight",
-              "noun_code_weight"):
+              "noun_code_weight", "noun_code_text_weight"):
     c.loss[key] = 0.0
   c.loss.swap_prediction = False
   c.clustering.enabled = False

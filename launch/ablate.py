@@ -34,7 +34,8 @@ from clusjax.config import set_key  # noqa: E402
 # first six build it up term by term (paper Table 5), the rest change one
 # thing of it. The seed sets config.seed (init, dropout, masking) and
 # config.data.seed (order of the batches).
-_NO_LABELS = {"loss.prompt_weight": 0.0, "loss.noun_code_weight": 0.0}
+_NO_LABELS = {"loss.prompt_weight": 0.0, "loss.noun_code_weight": 0.0,
+              "loss.noun_code_text_weight": 0.0}
 
 
 def _clustered_stages(config):

@@ -11,7 +11,8 @@ ABLATE = [sys.executable, os.path.join(ROOT, "launch", "ablate.py"),
 # ITC only and 3 steps: the rows differ in the contrastive term alone.
 SMALL = ["--config.loss.itm_weight=0", "--config.loss.mlm_weight=0",
          "--config.loss.swap_prediction=False", "--config.loss.prompt_weight=0",
-         "--config.loss.noun_code_weight=0", "--config.train.num_steps=3",
+         "--config.loss.noun_code_weight=0", "--config.loss.noun_code_text_weight=0",
+         "--config.train.num_steps=3",
          "--config.eval.evaluators=('retrieval',)"]
 
 

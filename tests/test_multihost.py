@@ -80,7 +80,8 @@ def test_killing_one_process_stops_the_other_within_the_timeout(shapes_data_dir,
   flags = micro_flags(shapes_data_dir, train__num_steps=100_000, train__checkpoint_every=100_000,
                       train__eval_at_end=False, loss__itm_weight=0.0, loss__mlm_weight=0.0,
                       loss__swap_weight=0.0, loss__prompt_weight=0.0,
-                      loss__noun_code_weight=0.0, clustering__enabled=False)
+                      loss__noun_code_weight=0.0, loss__noun_code_text_weight=0.0,
+                      clustering__enabled=False)
   proc = subprocess.Popen(
       CLUSTER + ["2", f"--peer_timeout={timeout}", "--", CONFIG, f"--workdir={workdir}"] + flags,
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())

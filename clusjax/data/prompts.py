@@ -30,6 +30,7 @@ import zlib
 import numpy as np
 
 from clusjax.config import WORD_PATTERN
+from clusjax.config_checks import prompts_on
 
 # Words that open a noun phrase.
 OPENERS = frozenset(
@@ -112,8 +113,7 @@ def labeler_from_config(config):
   """The run's PromptLabeler, or None when prompt labels are off (also for a
   workdir's config from before they existed)."""
   pc = config.get("prompt_labels")
-  if pc is None or not (config.loss.get("prompt_weight", 0.0)
-                        or config.loss.get("noun_code_weight", 0.0)):
+  if pc is None or not prompts_on(config):
     return None
   return PromptLabeler(pc.templates, pc.num_nouns, pc.max_nouns, pc.max_text_len, pc.stop_nouns,
                        config.data.seed, pc.get("phrases", False))

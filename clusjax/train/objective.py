@@ -11,6 +11,7 @@ The Clus objective (DESIGN §5), each term with its weight in `config.loss`:
           batch's "a photo of a {noun}." texts, positive where its caption
           has the noun
     noun_code  the same labels against a fixed random code per noun
+    noun_code_text  the captions' text features against the same codes
     uni_image  image-image InfoNCE: each image against a caption-preserving
           augmented view of itself (`clusjax.data.augment`), the batch's
           other images the negatives
@@ -62,6 +63,7 @@ def loss_weights(loss_config):
            swap=loss_config.swap_weight if loss_config.swap_prediction else 0.0,
            prompt=loss_config.get("prompt_weight", 0.0),
            noun_code=loss_config.get("noun_code_weight", 0.0),
+           noun_code_text=loss_config.get("noun_code_text_weight", 0.0),
            task=loss_config.get("task_weight", 0.0))
   uni = loss_config.get("unimodal")
   if uni is not None:
@@ -101,7 +103,7 @@ def distilled_itc(logits, teacher_logits, distill_config):
 # Terms over the whole batch's tower features (and parameters such as the
 # temperature and prototypes, but no other forward pass): under gradient
 # accumulation they still see the whole batch. The others are per microbatch.
-BATCH_TERMS = ("itc", "noun_code", "swap")
+BATCH_TERMS = ("itc", "noun_code", "noun_code_text", "swap")
 # Tower outputs with a batch dimension (the rest of the towers' output dict is parameters).
 FEATURES = ("image_feats", "text_feats", "neg_text_feats")
 
@@ -171,11 +173,12 @@ def batch_terms(model, params, out, batch, rngs, config, active, weights, teache
     else:
       terms["itc"] = contrastive_loss(config.loss, out, logits, negative_logits)
 
-  if "noun_code" in weights:   # prompt labels against a fixed random code per noun
-    label_noun = batch["label_noun"].reshape(-1)   # [B, k] -> B * k labels
-    terms["noun_code"] = prompt_label_loss(
-        out["image_feats"], noun_codes(label_noun, out["image_feats"].shape[-1]), label_noun,
-        batch["caption_nouns"], out["temperature"])
+  for term, feats in (("noun_code", "image_feats"), ("noun_code_text", "text_feats")):
+    if term in weights:   # prompt labels against a fixed random code per noun
+      label_noun = batch["label_noun"].reshape(-1)   # [B, k] -> B * k labels
+      terms[term] = prompt_label_loss(
+          out[feats], noun_codes(label_noun, out[feats].shape[-1]), label_noun,
+          batch["caption_nouns"], out["temperature"])
 
   if "swap" in weights:
     cc = config.clustering

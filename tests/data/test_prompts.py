@@ -130,5 +130,5 @@ def test_bad_prompt_label_config_names_the_key(key, value, message):
   c.prompt_labels[key] = value
   with pytest.raises(ConfigError, match=r"config\.prompt_labels\." + message):
     validate(c)
-  c.loss.prompt_weight = c.loss.noun_code_weight = 0.0   # off: the settings are not read
+  c.loss.prompt_weight = c.loss.noun_code_weight = c.loss.noun_code_text_weight = 0.0   # off
   validate(c)

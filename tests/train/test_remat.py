@@ -50,7 +50,8 @@ def test_remat_full_lowers_the_steps_temporary_memory_on_tpu(tmp_path, monkeypat
   overrides = dict(mesh__data=1, model__vision__patch_size=4, model__vision__depth=4,
                    model__text__depth=1, train__batch_size=128, clustering__queue_size=256,
                    longnet__depth=0, loss__itm_weight=0.0, loss__mlm_weight=0.0,
-                   loss__swap_weight=0.0, loss__prompt_weight=0.0, loss__noun_code_weight=0.0)
+                   loss__swap_weight=0.0, loss__prompt_weight=0.0, loss__noun_code_weight=0.0,
+                   loss__noun_code_text_weight=0.0)
   for tower in ("vision", "text"):
     overrides.update({f"model__{tower}__width": 64, f"model__{tower}__mlp_dim": 256})
   # The persistent cache cannot load executables of compile-only devices: keep them out.

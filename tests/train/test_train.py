@@ -10,7 +10,7 @@ from clusjax import workdir as wd
 from clusjax.config import ConfigError, caption_negative_groups, validate
 from clusjax.data import Tokenizer, make_source, make_train_iterator
 from clusjax.data.prompts import caption_tags, labeler_from_config
-from clusjax.losses import infonce_from_logits, itc_logits
+from clusjax.losses import infonce_from_logits, itc_logits, noun_codes, prompt_label_loss
 from clusjax.models.clus import ClusModel, build_model
 from clusjax.parallel.mesh import batch_sharding, create_mesh, mesh_context, rules_from_config
 from clusjax.train.loop import compile_train_step, train
@@ -21,7 +21,7 @@ from clusjax.train.state import abstract_state, dummy_batch, init_state
 from tests.conftest import micro_config
 
 
-TERMS = ("loss", "itc", "itm", "mlm", "swap", "prompt", "noun_code")
+TERMS = ("loss", "itc", "itm", "mlm", "swap", "prompt", "noun_code", "noun_code_text")
 
 
 def _one_step(config, tokenizer, batch, mesh):
@@ -111,7 +111,8 @@ def test_itc_kind_is_the_term_the_step_trains(data, kind):
     assert all(tags) and len(set(tags)) > 1
     batch = dict(batch, **dict(zip(("tag_ids", "tag_mask"),
                                    tokenizer.encode(tags, config.data.max_text_len))))
-  for key in ("itm_weight", "mlm_weight", "swap_weight", "prompt_weight", "noun_code_weight"):
+  for key in ("itm_weight", "mlm_weight", "swap_weight", "prompt_weight", "noun_code_weight",
+              "noun_code_text_weight"):
     config.loss[key] = 0.0
   validate(config)
   batch = {k: batch[k] for k in dummy_batch(config, 1)}   # the fields an ITC-only step takes
@@ -208,7 +209,8 @@ def test_unimodal_terms_join_the_objective(data):
   config, tokenizer, batch = data
   config = config.copy_and_resolve_references()
   config.data.caption_negatives = ()
-  for key in ("itm_weight", "mlm_weight", "swap_weight", "prompt_weight", "noun_code_weight"):
+  for key in ("itm_weight", "mlm_weight", "swap_weight", "prompt_weight", "noun_code_weight",
+              "noun_code_text_weight"):
     config.loss[key] = 0.0
   config.loss.unimodal.update(image_weight=0.5, text_weight=0.25, max_shift=0, brightness=0.0,
                               noise_std=0.0)
@@ -268,13 +270,21 @@ def test_grad_accumulation_keeps_the_batch_terms_whole(data, devices):
   config, tokenizer, batch = data
   config = config.copy_and_resolve_references()
   config.loss.itm_weight = config.loss.mlm_weight = config.loss.prompt_weight = 0.0
+  config.loss.noun_code_text_weight = 0.5
   batch = {k: batch[k] for k in dummy_batch(config, 1)}
   mesh = (create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]) if devices == 1
           else create_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
   loss1, terms1, out1, grads1 = _loss_and_grads(config, tokenizer, batch, mesh, 1)
   loss4, terms4, out4, grads4 = _loss_and_grads(config, tokenizer, batch, mesh, 4)
-  for key in ("itc", "swap", "noun_code", "negative_similarity"):
+  for key in ("itc", "swap", "noun_code", "noun_code_text", "negative_similarity"):
     np.testing.assert_allclose(terms4[key], terms1[key], rtol=1e-5)
+  # The text term: the captions' features against their nouns' codes.
+  label_noun = batch["label_noun"].reshape(-1)
+  for term, feats in (("noun_code", "image_feats"), ("noun_code_text", "text_feats")):
+    np.testing.assert_allclose(terms1[term], prompt_label_loss(
+        out1[feats], noun_codes(label_noun, out1[feats].shape[-1]), label_noun,
+        batch["caption_nouns"], out1["temperature"]), rtol=1e-5)
+  assert abs(terms1["noun_code_text"] - terms1["noun_code"]) > 1e-3
   np.testing.assert_allclose(loss4, loss1, rtol=1e-5)
   np.testing.assert_allclose(out4["image_feats"], out1["image_feats"], atol=1e-6)
   flat1, flat4 = jax.tree.leaves(grads1), jax.tree.leaves(grads4)
