@@ -32,5 +32,8 @@ def get_config(arg=None):
 
 def _tiny(c):
   """Fine-tunes the :tiny pre-training on 2 CPU cores in minutes."""
-  downstream.tiny(c, batch_size=64, num_steps=600, checkpoint_every=200)
+  # Twice the updates at half the batch (the same examples): easy-VQA 0.81 at 600 x 64
+  # -> 0.89 at 1,200 x 32 with lr 5e-4 (0.85 at 2,400 x 16; README, Fine-tuning figures).
+  downstream.tiny(c, batch_size=32, num_steps=1_200, checkpoint_every=400)
+  c.optim.learning_rate = 5e-4
   c.finetune.num_answers = 32       # shapes VQA has 25 answers, easy-VQA 13
