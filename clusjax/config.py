@@ -228,8 +228,8 @@ SAMPLERS = ("random", "clustered")
 # The config.loss keys a stage may set: weights only (a term whose weight is 0
 # is not computed), so every stage trains the same parameters.
 STAGE_LOSS_KEYS = ("itc_weight", "itm_weight", "mlm_weight", "swap_weight", "prompt_weight",
-                   "noun_code_weight", "noun_code_text_weight", "unimodal.image_weight", "unimodal.text_weight",
-                   "task_weight")
+                   "noun_code_weight", "noun_code_text_weight", "unimodal.image_weight",
+                   "unimodal.text_weight", "task_weight")
 
 
 @dataclasses.dataclass(frozen=True)
