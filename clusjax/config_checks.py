@@ -25,10 +25,13 @@ def itc_kind(loss_config):
   return "infonce" if itc is None else itc.kind
 
 
+# The config.loss weights of the terms that read config.prompt_labels.
+LABEL_LOSS_KEYS = ("prompt_weight", "noun_code_weight", "noun_code_text_weight")
+
+
 def prompts_on(config):
   """Whether config.prompt_labels is read (a prompt-label loss is on)."""
-  return any(config.loss.get(key, 0.0) for key in (
-      "prompt_weight", "noun_code_weight", "noun_code_text_weight"))
+  return any(config.loss.get(key, 0.0) for key in LABEL_LOSS_KEYS)
 
 
 def _arrays(config):

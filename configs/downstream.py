@@ -9,6 +9,7 @@ pre-training workdir:
 """
 import ml_collections
 
+from clusjax.config_checks import LABEL_LOSS_KEYS
 from configs import clus_base
 
 
@@ -28,8 +29,7 @@ def task_config(task, arg):
     raise ValueError(f"configs/{task}.py:{arg}: unknown variant; use ':tiny' or nothing (Base).")
   c = clus_base.get_config(arg or None)
   c.task = task
-  for key in ("itc_weight", "itm_weight", "mlm_weight", "swap_weight", "prompt_weight",
-              "noun_code_weight", "noun_code_text_weight"):
+  for key in ("itc_weight", "itm_weight", "mlm_weight", "swap_weight", *LABEL_LOSS_KEYS):
     c.loss[key] = 0.0
   c.loss.swap_prediction = False
   c.clustering.enabled = False

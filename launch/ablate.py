@@ -28,14 +28,14 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clusjax.cli import fail, parse_flags  # noqa: E402
 from clusjax.config import set_key  # noqa: E402
+from clusjax.config_checks import LABEL_LOSS_KEYS  # noqa: E402
 
 # Row -> config overrides (keys with dots; a value may be a function of the
 # config), relative to the full Clus objective (configs/clus_base.py). The
 # first six build it up term by term (paper Table 5), the rest change one
 # thing of it. The seed sets config.seed (init, dropout, masking) and
 # config.data.seed (order of the batches).
-_NO_LABELS = {"loss.prompt_weight": 0.0, "loss.noun_code_weight": 0.0,
-              "loss.noun_code_text_weight": 0.0}
+_NO_LABELS = {f"loss.{key}": 0.0 for key in LABEL_LOSS_KEYS}
 
 
 def _clustered_stages(config):
