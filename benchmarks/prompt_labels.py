@@ -60,6 +60,8 @@ def main():
 
   config = get_config("tiny")
   config.model.vision.stem = args.stem
+  if args.stem == "patch":    # the options of :tiny's CNN stem have no patch-stem meaning
+    config.model.vision.update(dict(stem_max_cls=False, stem_width=0))
   pc = config.prompt_labels
   size, version = config.data.image_size, args.shapes_version
   train = make_split("train", 6400, size, max_shapes=args.max_shapes, version=version)

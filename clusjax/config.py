@@ -134,6 +134,7 @@ RULES = (
     ("model.vision.patch_size", INT, POSITIVE),
     ("model.vision.stem", STR, OneOf(VISION_STEMS), has("model.vision.stem")),
     ("model.vision.stem_max_cls", BOOL, None, has("model.vision.stem_max_cls")),
+    ("model.vision.stem_width", INT, NON_NEGATIVE, has("model.vision.stem_width")),
     ("model.text.init_from", STR, EXISTING_PATH),   # a transformers BERT dir or weights file
     ("model.embed_dim", INT, POSITIVE),
     ("model.dropout", FLOAT, Range(0, 1, high_open=True)),   # 1 would divide by 0

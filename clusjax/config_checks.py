@@ -84,9 +84,11 @@ def check_model(config):
   if smallest > 1 and (patch < smallest or patch & (patch - 1)):
     raise ConfigError(f"config.model.vision.stem={stem!r} needs a power-of-two "
                       f"config.model.vision.patch_size >= {smallest}; it is {patch}.")
-  if config.model.vision.get("stem_max_cls") and smallest == 1:
-    raise ConfigError(f"config.model.vision.stem_max_cls=True needs a convolutional "
-                      f"config.model.vision.stem (conv, pool or cnn); it is {stem!r}.")
+  for key in ("stem_max_cls", "stem_width"):
+    if config.model.vision.get(key) and smallest == 1:
+      raise ConfigError(f"config.model.vision.{key}={config.model.vision[key]!r} needs a "
+                        f"convolutional config.model.vision.stem (conv, pool or cnn); it is "
+                        f"{stem!r}.")
   for tower in ("vision", "text"):
     width = config.model[tower].width
     if width % config.model.text.num_heads:

@@ -61,6 +61,7 @@ MICRO = {
     # export tests need it, and it keeps each micro step cheap.
     "model.vision.stem": "patch",
     "model.vision.stem_max_cls": False,
+    "model.vision.stem_width": 0,
     "model.embed_dim": 16,
     "train.batch_size": 16,
     "train.num_steps": 6,

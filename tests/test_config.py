@@ -47,12 +47,14 @@ def test_validate_names_the_bad_key(key, value, message):
     validate(c, num_devices=8)
 
 
-def test_stem_max_cls_needs_a_convolutional_stem():
+@pytest.mark.parametrize("key,value", [("stem_max_cls", True), ("stem_width", 64)])
+def test_stem_options_need_a_convolutional_stem(key, value):
   c = clus_base.get_config("tiny")
   with c.unlocked():
-    c.model.vision.stem, c.model.vision.stem_max_cls = "patch", True
+    c.model.vision.stem, c.model.vision.stem_max_cls = "patch", False
+    c.model.vision[key] = value
   with pytest.raises(ConfigError, match=re.escape(
-      "config.model.vision.stem_max_cls=True needs a convolutional config.model.vision.stem "
+      f"config.model.vision.{key}={value!r} needs a convolutional config.model.vision.stem "
       "(conv, pool or cnn); it is 'patch'.")):
     validate(c, num_devices=8)
   with c.unlocked():
@@ -368,7 +370,7 @@ def test_tfds_splits_are_read_from_the_prepared_dataset_info(tmp_path):
     ("optim.learning_rate", 1e-300, "config.optim.learning_rate=1e-300 is 0 in float32"),
     ("data.max_text_len", 10**6, "config.data.max_text_len=1000000^2 x 4 bytes"),
     ("data.num_workers", 10**6, "config.data.num_workers=1000000 x 104857600 bytes"),
-    ("data.image_size", 160_000, "makes 100000000 image tokens"),
+    ("data.image_size", 160_000, "makes 400000000 image tokens"),
 ])
 def test_values_that_would_break_the_arithmetic_are_refused(key, value, message):
   c = clus_base.get_config("tiny")

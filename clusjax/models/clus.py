@@ -73,7 +73,8 @@ class ClusModel(nn.Module):
         patch_size=cfg.vision.patch_size, width=cfg.vision.width, depth=cfg.vision.depth,
         num_heads=cfg.vision.num_heads, mlp_dim=cfg.vision.mlp_dim, dropout=cfg.dropout,
         dtype=self.dtype, remat=self.remat, scan_layers=self.scan_layers,
-        stem=cfg.vision.get("stem", "patch"), stem_max_cls=cfg.vision.get("stem_max_cls", False))
+        stem=cfg.vision.get("stem", "patch"), stem_max_cls=cfg.vision.get("stem_max_cls", False),
+        stem_width=cfg.vision.get("stem_width", 0))
     self.text = BertEncoder(
         vocab_size=self.vocab_size, width=cfg.text.width, depth=cfg.text.depth,
         num_heads=cfg.text.num_heads, mlp_dim=cfg.text.mlp_dim, max_len=self.max_text_len,

@@ -20,8 +20,10 @@ through local, translation-equivariant filters, so shape is learned from little
 data. stem="pool" (PoolStem) adds what lets a small CNN tell shapes apart within
 a few hundred steps: ReLU features max-pooled 2x2, so a shape a few pixels off
 gives the same token; stem="cnn" (CnnStem) is that from full resolution, and
-stem_max_cls adds the stem's global max to the [CLS] output. HF `ViTModel` has none of
-these stems: export refuses them.
+stem_max_cls adds the stem's global max to the [CLS] output. stem_width sets the
+channels of a convolutional stem's last stage (default: the ViT width), which
+`patch_embed` then maps to the width: at patch 8 a narrow stem costs a third of
+a full-width one. HF `ViTModel` has none of these stems: export refuses them.
 """
 from typing import Any
 
@@ -182,6 +184,8 @@ class ViT(nn.Module):
   stem: str = "patch"                 # patch (ViT) | conv | pool | cnn (module docstring)
   # [CLS] out += a linear map of the stem's features max-pooled over the grid (not stem=patch).
   stem_max_cls: bool = False
+  # Channels of a convolutional stem's last stage (0 = width); patch_embed maps them to width.
+  stem_width: int = 0
 
   @nn.compact
   def __call__(self, images, deterministic=True):
@@ -210,13 +214,13 @@ class ViT(nn.Module):
              "cnn": (CnnStem, "cnn_stem")}
     if self.stem in stems:
       stem, name = stems[self.stem]
-      x = stem(self.patch_size, self.width, self.dtype, name=name)(x)
+      x = stem(self.patch_size, self.stem_width or self.width, self.dtype, name=name)(x)
       stem_max = x.max(axis=(1, 2))
       p_embed = 1
     elif self.stem == "patch":
-      if self.stem_max_cls:
-        raise ValueError("ViT: stem_max_cls needs a convolutional stem (conv, pool or cnn); "
-                         "stem='patch' has no feature map to pool.")
+      if self.stem_max_cls or self.stem_width:
+        raise ValueError("ViT: stem_max_cls and stem_width need a convolutional stem (conv, "
+                         "pool or cnn); stem='patch' has no feature map.")
       p_embed = p
     else:
       raise ValueError(f"ViT: stem={self.stem!r} is unknown; use 'patch', 'conv', 'pool' or "

@@ -162,5 +162,23 @@ def test_stem_max_cls_adds_the_stems_global_max_to_cls_only():
   np.testing.assert_allclose(out[:, 0], plain[:, 0] + stem_max @ proj["kernel"] + proj["bias"],
                              atol=1e-5)
   assert float(jnp.abs(out[:, 0] - plain[:, 0]).max()) > 1e-3
-  with pytest.raises(ValueError, match="stem_max_cls needs a convolutional stem"):
+  with pytest.raises(ValueError, match="stem_max_cls and stem_width need a convolutional stem"):
     ViT(**{**kw, "stem": "patch"}, stem_max_cls=True).init(jax.random.key(0), images)
+
+
+def test_stem_width_sets_the_stems_channels_and_patch_embed_maps_them_to_the_width():
+  kw = dict(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64, stem="cnn",
+            stem_max_cls=True)
+  images = _images(hw=(32, 32))
+  params = nn.meta.unbox(ViT(**kw, stem_width=16).init(jax.random.key(0), images)["params"])
+  assert [params["cnn_stem"][f"conv_{i}"]["kernel"].shape[-1] for i in range(3)] == [8, 8, 16]  # >= 8
+  assert params["patch_embed"]["kernel"].shape == (1, 1, 16, 32)
+  assert params["stem_max_proj"]["kernel"].shape == (16, 32)
+  assert ViT(**kw, stem_width=16).apply({"params": params}, images).shape == (2, 1 + 16, 32)
+  # 0 = the width: the tree of a model without the option.
+  default = nn.meta.unbox(ViT(**kw).init(jax.random.key(0), images)["params"])
+  wide = nn.meta.unbox(ViT(**kw, stem_width=32).init(jax.random.key(0), images)["params"])
+  assert jax.tree.map(np.shape, default) == jax.tree.map(np.shape, wide)
+  with pytest.raises(ValueError, match="stem_max_cls and stem_width need a convolutional stem"):
+    ViT(**{**kw, "stem": "patch", "stem_max_cls": False}, stem_width=16).init(
+        jax.random.key(0), images)
