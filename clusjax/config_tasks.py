@@ -12,8 +12,8 @@ import os
 import re
 
 from clusjax import workdir as wd
-from clusjax.config_rules import (FLOAT, INT, NON_NEGATIVE, POSITIVE, STR, STRS, UNIT, ConfigError,
-                                  OneOf, check_rules, has, its, lookup)
+from clusjax.config_rules import (BOOL, FLOAT, INT, NON_NEGATIVE, POSITIVE, STR, STRS, UNIT,
+                                  ConfigError, OneOf, check_rules, has, its, lookup)
 
 DATA_SOURCES = ("shapes", "tfds", "jsonl", "easy_vqa")
 # config.task: what a run trains (DESIGN §9). Pre-training and retrieval read
@@ -66,6 +66,7 @@ TASK_RULES = (
     ("loss.task_weight", FLOAT, NON_NEGATIVE),
     ("finetune.loss", STR, OneOf(FINETUNE_LOSSES), has("finetune")),
     ("finetune.head_hidden", INT, NON_NEGATIVE, has("finetune")),
+    ("finetune.head_product", BOOL, None, has("finetune.head_product")),
     ("finetune.supcon_temperature", FLOAT, POSITIVE, has("finetune")),
     ("finetune.clce_lam", FLOAT, UNIT, has("finetune")),
     ("finetune.clce_temperature", FLOAT, POSITIVE, has("finetune")),

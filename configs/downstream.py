@@ -43,6 +43,9 @@ def task_config(task, arg):
       # | clce (CE mixed with a label-aware contrastive term; clusjax/losses/finetune.py).
       loss="ce",
       head_hidden=0,                 # the MLP head's hidden width; 0 = 2 x its input's
+      # The head reads the two fused [CLS] and also their elementwise product (a
+      # bilinear term: "is there a triangle?" is the question's word times the image's).
+      head_product=False,
       num_answers=3_129,             # VQA: the most frequent training answers (VQA v2 practice)
       supcon_temperature=0.1,
       clce_lam=0.9,                  # CLCE: (1 - lam) CE + lam contrastive

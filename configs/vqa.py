@@ -37,3 +37,6 @@ def _tiny(c):
   downstream.tiny(c, batch_size=32, num_steps=1_200, checkpoint_every=400)
   c.optim.learning_rate = 5e-4
   c.finetune.num_answers = 32       # shapes VQA has 25 answers, easy-VQA 13
+  # The head also reads image CLS * text CLS: easy-VQA 0.883 -> 0.939 (shape 0.66 ->
+  # 0.99, yes/no 0.90 -> 0.92) from the patch-8 :tiny (README, Fine-tuning figures).
+  c.finetune.head_product = True

@@ -66,6 +66,7 @@ class ClusModel(nn.Module):
   task: str = "pretrain"                     # config.task; vqa / nlvr2 add `task_head`
   num_classes: int = 0                       # the task head's outputs (0: no head)
   head_hidden: int = 0                       # its hidden width (0 = 2 x its input's)
+  head_product: bool = False                 # the head also reads image CLS * text CLS
 
   def setup(self):
     cfg = self.config
@@ -205,11 +206,21 @@ class ClusModel(nn.Module):
 
   def task_features(self, image_tokens, text_tokens, text_mask, image2_tokens=None,
                     deterministic=True):
-    """The fused CLS of both streams, [B, Wv + Wt]; with image2_tokens (NLVR2) the
-    pairs (image, text) and (image2, text) fused apart and concatenated, [B, 2 (Wv + Wt)]."""
+    """The fused CLS of both streams, [B, Wv + Wt] (head_product: and their elementwise
+    product, [B, 3 W]); with image2_tokens (NLVR2) the pairs (image, text) and
+    (image2, text) fused apart and concatenated, [B, 2 (Wv + Wt)] ([B, 6 W])."""
     def fused(tokens):
       img, txt = self.fusion(tokens, text_tokens, text_mask, deterministic, outputs="cls")
-      return jnp.concatenate([img[:, 0], txt[:, 0]], axis=-1)
+      parts = [img[:, 0], txt[:, 0]]
+      if self.head_product:
+        if img.shape[-1] != txt.shape[-1]:
+          raise ValueError(f"finetune.head_product needs fused streams of one width; the "
+                           f"image stream has {img.shape[-1]}, the text stream {txt.shape[-1]}.")
+        # A bilinear term for the head: whether the question's word and the image agree
+        # is a product of the two streams, which a one-hidden-layer MLP on their
+        # concatenation learns slowly (VQA heads since Antol et al. 2015 multiply them).
+        parts.append(img[:, 0] * txt[:, 0])
+      return jnp.concatenate(parts, axis=-1)
     if image2_tokens is None:
       return fused(image_tokens)
     return jnp.concatenate([fused(image_tokens), fused(image2_tokens)], axis=-1)
@@ -296,7 +307,8 @@ def build_model(config, vocab_size):
                    remat=config.get("remat", "none"),
                    scan_layers=config.get("scan_layers", False),
                    task=config.get("task", "pretrain"), num_classes=num_task_classes(config),
-                   head_hidden=config.get("finetune", {}).get("head_hidden", 0))
+                   head_hidden=config.get("finetune", {}).get("head_hidden", 0),
+                   head_product=config.get("finetune", {}).get("head_product", False))
 
 
 def num_task_classes(config):

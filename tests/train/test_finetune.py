@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 import PIL.Image
+import flax.linen
 import pytest
 from flax import traverse_util
 
@@ -61,6 +62,38 @@ def test_init_from_copies_every_shared_leaf(trained_workdir, shapes_data_dir):
   # The restore names the step it loaded, then init_from says what it copied.
   said = [line for line in said if line.startswith("init_from")]
   assert len(said) == 1 and "new: task_head/" in said[0] and "step 2" in said[0]
+
+
+def test_head_product_appends_the_product_of_the_fused_cls(shapes_data_dir):
+  """finetune.head_product: the head reads [image CLS, text CLS, image CLS * text CLS]
+  of the same fusion (NLVR2: per pair); off, the features are the first two."""
+  config = task_micro_config("nlvr2", shapes_data_dir)
+  config.finetune.head_product = True
+  model = build_model(config, 64)
+  rng = np.random.default_rng(0)
+  size = config.data.image_size
+  images = jax.numpy.asarray(rng.integers(0, 256, (2, size, size, 3)), jax.numpy.uint8)
+  ids = jax.numpy.asarray(rng.integers(4, 64, (2, 8)), jax.numpy.int32)
+  mask = jax.numpy.ones((2, 8), bool)
+  params = flax.linen.meta.unbox(model.init(jax.random.key(0), images, ids, mask))
+  w = config.model.text.width
+  assert params["params"]["task_head"]["hidden"]["kernel"].shape[0] == 2 * 3 * w
+
+  def features(m):
+    def fn(module):
+      img, _ = module.encode_image(images)
+      txt, _ = module.encode_text(ids, mask)
+      return module.task_features(img, txt, mask, img[::-1])
+    return np.asarray(m.apply(params, method=fn))
+  plain = features(model.clone(head_product=False))
+  both = features(model)
+  assert plain.shape == (2, 4 * w) and both.shape == (2, 6 * w)
+  for pair in range(2):
+    cls = plain[:, 2 * w * pair:2 * w * (pair + 1)]
+    out = both[:, 3 * w * pair:3 * w * (pair + 1)]
+    np.testing.assert_allclose(out[:, :2 * w], cls, rtol=1e-6)
+    np.testing.assert_allclose(out[:, 2 * w:], cls[:, :w] * cls[:, w:], rtol=1e-5, atol=1e-7)
+    assert np.abs(out[:, 2 * w:]).max() > 0
 
 
 def test_resample_pos_embed_is_bicubic_and_keeps_cls():
