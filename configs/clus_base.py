@@ -270,15 +270,14 @@ def _tiny(c):
   c.data.shapes_num_train = 20_000
   c.data.max_text_len = 32
   c.data.vocab_size = 256
-  # 64 image tokens (patch 8) from a full-resolution CNN stem (3x3 conv + ReLU +
-  # 2x2 max pool, 32-64-128 channels) whose global max joins [CLS], then 2
-  # transformer blocks. On shapes v2 the patch
-  # projection does not learn shape kind within the budget (transfer kind 0.235, ITC
-  # R@1 0.18); this stem does. At patch 16 (16 tokens: a 4 x 4 grid that does not
-  # line up with the captions' 3 x 3 places) R@1 stopped at 0.48 / 0.38 (seeds 0 / 1),
-  # most near misses a shape's place; at patch 8 with 2 blocks, 0.66 / 0.65 in the same
-  # wall time (README, Figures on shapes v2). Its price: no transformers ViTModel
-  # export (use stem="patch" for that).
+  # 64 image tokens (patch 8) from a full-resolution CNN stem (3x3 conv + ReLU + 2x2
+  # max pool, 32-64-128 channels) whose global max joins [CLS], then 2 transformer
+  # blocks. On shapes v2 the patch projection does not learn shape kind within the
+  # budget (transfer kind 0.235, ITC R@1 0.18); this stem does. At patch 16 (a 4 x 4
+  # grid that does not line up with the captions' 3 x 3 places) R@1 stopped at 0.48 /
+  # 0.38 (seeds 0 / 1), most near misses a shape's place; at patch 8 with 2 blocks,
+  # 0.66 / 0.65 in the same wall time (README, Figures on shapes v2). Its price: no
+  # transformers ViTModel export (use stem="patch" for that).
   c.model.vision = ml_collections.ConfigDict(
       dict(patch_size=8, width=128, depth=2, num_heads=4, mlp_dim=512, stem="cnn",
            stem_max_cls=True, stem_width=0))

@@ -214,7 +214,8 @@ class ClusModel(nn.Module):
       parts = [img[:, 0], txt[:, 0]]
       if self.head_product:
         if img.shape[-1] != txt.shape[-1]:
-          raise ValueError(f"finetune.head_product needs fused streams of one width; the "
+          raise ValueError(f"config.finetune.head_product=True needs fused streams of one "
+                           f"width (config.model.vision.width = config.model.text.width); the "
                            f"image stream has {img.shape[-1]}, the text stream {txt.shape[-1]}.")
         # A bilinear term for the head: whether the question's word and the image agree
         # is a product of the two streams, which a one-hidden-layer MLP on their
