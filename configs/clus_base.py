@@ -311,10 +311,10 @@ def _tiny(c):
   c.optim.b2 = 0.98
   c.optim.grad_clip_norm = 1.0
   c.optim.warmup_frac = 0.1
-  # 360 x 64 fits the 10 minutes of a 2-core laptop with the CNN stem: 6.4 min from a
-  # clean clone on an idle VM (~0.8 s/step), 9.2 min on a slower one (~1.25 s/step,
-  # where 400 steps took 10.1 min; README, Figures). Smaller batches for more steps
-  # learn kind sooner.
+  # 360 x 64 fits the 10 minutes of a 2-core laptop: 6.6 min on an idle VM (~1.0
+  # s/step; the patch-16 tower took ~0.8 s/step there and ~1.25 s/step on a slower VM,
+  # so expect up to ~10 min on such a one; README, Figures). Smaller batches for more
+  # steps learn kind sooner.
   c.train.batch_size = 64
   c.train.num_steps = 360
   c.train.log_every = 20
