@@ -171,7 +171,8 @@ def test_stem_width_sets_the_stems_channels_and_patch_embed_maps_them_to_the_wid
             stem_max_cls=True)
   images = _images(hw=(32, 32))
   params = nn.meta.unbox(ViT(**kw, stem_width=16).init(jax.random.key(0), images)["params"])
-  assert [params["cnn_stem"][f"conv_{i}"]["kernel"].shape[-1] for i in range(3)] == [8, 8, 16]  # >= 8
+  # Stages end at stem_width and halve backwards, none under 8 channels.
+  assert [params["cnn_stem"][f"conv_{i}"]["kernel"].shape[-1] for i in range(3)] == [8, 8, 16]
   assert params["patch_embed"]["kernel"].shape == (1, 1, 16, 32)
   assert params["stem_max_proj"]["kernel"].shape == (16, 32)
   assert ViT(**kw, stem_width=16).apply({"params": params}, images).shape == (2, 1 + 16, 32)

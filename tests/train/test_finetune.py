@@ -7,10 +7,10 @@ import subprocess
 import sys
 import time
 
+import flax.linen
 import jax
 import numpy as np
 import PIL.Image
-import flax.linen
 import pytest
 from flax import traverse_util
 
