@@ -2,6 +2,7 @@
 
     nice -n 19 python benchmarks/dilated_attention.py [--max-n 1048576]
         [--max-run-n 65536] [--dense-max-n 65536] [--dense-max-run-n 8192]
+        [--check] [--sweep-blocks]
 
 For N = 4k .. --max-n (powers of two), B=1, H=4, D=32, w=(2048, 4096, 8192),
 r=(1, 2, 4), non-causal, no mask, loss = sum(attention(q, k, v)):
@@ -13,7 +14,13 @@ r=(1, 2, 4), non-causal, no mask, loss = sum(attention(q, k, v)):
     --dense-max-n (memory) / --dense-max-run-n (time).
 Dilated attention uses the Pallas kernel on a GPU and "xla" (jnp) elsewhere.
 On a GPU it also prints TFLOP/s of the matmul work actually done (padding
-included) and the comparison with cuDNN flash attention at the same N.
+included), the comparison with cuDNN flash attention at the same N, and the
+time of the "xla" (jnp) dilated path at the same N (the kernel's speed-up).
+--check first compares the kernel (compiled, not interpreted) with the jnp
+path computed at float32 "highest" matmul precision: output and q/k/v
+gradients, float32 and bfloat16, causal and not, with padded keys.
+--sweep-blocks times the kernel's fwd+bwd over `BlockSizes` on the rows one
+N=--sweep-n call gathers (all three branches have m = w / r = 2048).
 Writes the log-log memory plot (the paper's Fig. 13) next to this file.
 """
 from __future__ import annotations
@@ -33,6 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 
 from clusjax.kernels import dilated_attention  # noqa: E402
+from clusjax.kernels import dilated_attention_pallas  # noqa: E402
 
 B, H, D = 1, 4, 32
 SEGMENTS, RATES = (2048, 4096, 8192), (1, 2, 4)
@@ -89,6 +97,81 @@ def measure(kind, impl, n, dtype, run, reps):
   return nbytes, (time.perf_counter() - t0) / reps
 
 
+def check(n=4099, h=4, seed=0):
+  """Max |kernel - reference| / max |reference| for the output and dq, dk, dv.
+
+  n is not a multiple of any segment (padding), a quarter of the keys of the
+  second sequence are masked; the reference is the jnp path at "highest"
+  precision in float32. Returns True when every error is within tolerance.
+  """
+  tol = {"float32": 1e-2, "bfloat16": 5e-2}  # TF32 / bf16 matmul inputs
+  keys = jax.random.split(jax.random.key(seed), 4)
+  mask = jnp.stack([jnp.ones((n,), bool), jax.random.uniform(keys[3], (n,)) > 0.25])
+  ok = True
+  for dtype in ("float32", "bfloat16"):
+    q, k, v = (jax.random.normal(key, (2, n, h, D), jnp.float32) for key in keys[:3])
+    for causal in (False, True):
+      def grads(impl, dt, q=q, k=k, v=v, causal=causal):
+        def loss(q, k, v):
+          o = dilated_attention(q, k, v, segment_lengths=SEGMENTS, dilation_rates=RATES,
+                                kv_mask=mask, causal=causal, implementation=impl)
+          return jnp.sum(o.astype(jnp.float32) * w), o
+        w = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
+        cast = lambda x: x.astype(dt)  # noqa: E731
+        (_, o), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
+            cast(q), cast(k), cast(v))
+        return [x.astype(jnp.float32) for x in (o, *g)]
+      with jax.default_matmul_precision("highest"):
+        ref = grads("xla", jnp.float32)
+      got = grads("pallas", jnp.dtype(dtype))
+      errs = [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, ref)]
+      good = max(errs) <= tol[dtype] and all(math.isfinite(e) for e in errs)
+      ok &= good
+      print(f"check {dtype:8s} causal={causal!s:5s} N={n}: relative max error out "
+            f"{errs[0]:.2e}  dq {errs[1]:.2e}  dk {errs[2]:.2e}  dv {errs[3]:.2e}  "
+            f"(tol {tol[dtype]:.0e}) {'ok' if good else 'FAIL'}", flush=True)
+  return ok
+
+
+def sweep_blocks(n, dtype, reps, budget_s=120.0):
+  """Kernel fwd+bwd time per BlockSizes on the [G, 2048, D] rows of one call."""
+  g = sum(B * H * -(-n // w) for w in SEGMENTS)
+  m = SEGMENTS[0] // RATES[0]
+  keys = jax.random.split(jax.random.key(0), 3)
+  q, k, v = (jax.random.normal(key, (g, m, D), dtype) for key in keys)
+  valid = jnp.ones((g, m), bool)
+  configs = [dilated_attention_pallas.BlockSizes(bq, bk, bb, warps, stages)
+             for bq, bk in ((64, 64), (128, 64), (128, 128)) for bb in (32, 64, 128)
+             for warps in (4, 8) for stages in (2, 3)]
+  print(f"# sweep: G={g} rows x m={m} x D={D}, {dtype.name}, fwd+bwd, mean of {reps}")
+  results, start = [], time.perf_counter()
+  for bs in configs:
+    if time.perf_counter() - start > budget_s:
+      print(f"# sweep stopped after {budget_s:.0f} s ({len(results)} configs)")
+      break
+    def loss(q, k, v, bs=bs):
+      o, lse = dilated_attention_pallas.segment_attention_pallas(
+          q, k, v, valid, causal=False, interpret=False, block_sizes=bs)
+      return jnp.sum(o) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+    try:
+      f = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+      jax.block_until_ready(f(q, k, v))
+      t0 = time.perf_counter()
+      for _ in range(reps):
+        jax.block_until_ready(f(q, k, v))
+      t = (time.perf_counter() - t0) / reps
+    except Exception as e:  # a tile that does not fit shared memory fails to compile
+      print(f"  {bs}: failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+      continue
+    results.append((t, bs))
+    print(f"  {bs}: {t * 1e3:.3f} ms", flush=True)
+  if results:
+    base = dict((bs, t) for t, bs in results).get(dilated_attention_pallas.BlockSizes())
+    best_t, best = min(results, key=lambda r: r[0])
+    print(f"# fastest {best}: {best_t * 1e3:.3f} ms"
+          + (f"; default {base * 1e3:.3f} ms ({base / best_t:.2f}x)" if base else ""))
+
+
 def fmt_bytes(x):
   return "-" if x is None else f"{x / 2**20:,.0f} MiB"
 
@@ -110,6 +193,11 @@ def main(argv=None):
                  "pallas on GPU/TPU, xla on CPU)")
   p.add_argument("--dtype", default=None, help="default float32 (bfloat16 on GPU: cuDNN)")
   p.add_argument("--plot", default=os.path.join(HERE, "dilated_attention_memory.png"))
+  p.add_argument("--check", action="store_true",
+                 help="first compare the compiled kernel with the jnp path (GPU)")
+  p.add_argument("--sweep-blocks", action="store_true",
+                 help="only time the kernel over BlockSizes at --sweep-n (GPU)")
+  p.add_argument("--sweep-n", type=int, default=1 << 16)
   args = p.parse_args(argv)
 
   backend = jax.default_backend()
@@ -124,6 +212,13 @@ def main(argv=None):
         f"dtype {dtype.name}")
   print(f"# B={B} H={H} D={D} w={SEGMENTS} r={RATES}; dilated={impl!r}, "
         f"dense=jax.nn.dot_product_attention(implementation={dense_impl!r})")
+  if (args.check or args.sweep_blocks) and not on_gpu:
+    sys.exit("--check and --sweep-blocks compile the kernel for a GPU; none is here.")
+  if args.check and not check():
+    sys.exit("the kernel does not match the jnp path (above)")
+  if args.sweep_blocks:
+    sweep_blocks(args.sweep_n, dtype, max(args.reps, 10))
+    return
 
   ns = [1 << e for e in range(int(math.log2(args.min_n)), int(math.log2(args.max_n)) + 1)]
   rows = []
@@ -142,6 +237,9 @@ def main(argv=None):
     if on_gpu and dil_t:
       tf = dilated_flops(n) / dil_t / 1e12
       line += f"   dilated {tf:.1f} TFLOP/s"
+      if impl != "xla":
+        xla_mem, xla_t = measure("dilated", "xla", n, dtype, True, args.reps)
+        line += f"  jnp path {fmt_s(xla_t)} {fmt_bytes(xla_mem)} ({xla_t / dil_t:.1f}x kernel)"
       if den_t:
         tfd = dense_flops(n) / den_t / 1e12
         line += (f"  cuDNN {tfd:.1f} TFLOP/s  TFLOP/s ratio {tf / tfd:.2f}"

@@ -12,7 +12,9 @@ over the devices at hand) and reports:
     captions);
   * per-device memory of the compiled step (`memory_analysis`): arguments,
     outputs, temporaries;
-  * FLOPs per step from the compiled cost analysis;
+  * FLOPs per step from the compiled cost analysis, and from them examples/s,
+    TFLOP/s per device and MFU (against the dtype's peak where
+    `clusjax.parallel.hardware` knows the device; "-" elsewhere);
 and ratios against float32:none, which is always measured first in the same run.
 Prints a Markdown table for benchmarks/RESULTS.md.
 """
@@ -88,31 +90,38 @@ def main(argv):
     fail(str(e))
 
   import jax
+  from clusjax.train.loop import throughput
   mib = 2.0 ** 20
   print(f"{datetime.date.today()}: jax {jax.__version__}, {jax.device_count()} x "
         f"{jax.devices()[0].device_kind} ({platform.machine()}, {os.cpu_count()} CPUs); "
         f"batch {config.train.batch_size}, image {config.data.image_size}, median of "
         f"{_STEPS.value} steps after {_WARMUP.value}", flush=True)
+  kind = jax.devices()[0].device_kind
   rows = []
   for dtype, remat in variants:
     c = config.copy_and_resolve_references()
     c.dtype, c.remat = dtype, remat
     cost, seconds = measure(c, _STEPS.value, _WARMUP.value)
     rows.append((dtype, remat, cost, seconds))
-    print(f"  {dtype}:{remat}: {seconds:.3f} s/step, compiled in {cost.compile_seconds:.0f} s",
-          flush=True)
+    rate = throughput(cost.flops, 1, seconds, config.train.batch_size, kind, dtype)
+    # Each variant's figures as soon as it is measured (a long run cut short keeps them).
+    print(f"  {dtype}:{remat}: {seconds:.3f} s/step, compiled in {cost.compile_seconds:.0f} s, "
+          f"{cost.flops / 1e9:.1f} GFLOP, {rate['tflops_per_device']:.2f} TFLOP/s"
+          + (f", MFU {rate['mfu']:.1%}" if "mfu" in rate else ""), flush=True)
 
   _, _, base, base_seconds = rows[0]
   print("\n| dtype | remat | step s | x time | compile s | args MiB | outputs MiB | temps MiB "
-        "| x temps | GFLOP | x FLOPs |")
-  print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        "| x temps | GFLOP | x FLOPs | examples/s | TFLOP/s | MFU |")
+  print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   for dtype, remat, cost, seconds in rows:
+    rate = throughput(cost.flops, 1, seconds, config.train.batch_size, kind, dtype)
+    mfu = f"{rate['mfu']:.1%}" if "mfu" in rate else "-"
     print(f"| {dtype} | {remat} | {seconds:.3f} | {seconds / base_seconds:.2f} | "
           f"{cost.compile_seconds:.0f} | {cost.argument_bytes / mib:.1f} | "
           f"{cost.output_bytes / mib:.1f} | {cost.temp_bytes / mib:.1f} | "
           f"{cost.temp_bytes / base.temp_bytes:.2f} | {cost.flops / 1e9:.1f} | "
-          f"{cost.flops / base.flops:.2f} |")
-
+          f"{cost.flops / base.flops:.2f} | {rate['examples_per_sec']:.1f} | "
+          f"{rate['tflops_per_device']:.2f} | {mfu} |")
 
 if __name__ == "__main__":
   main(sys.argv)
