@@ -79,6 +79,19 @@ def _negatives(value, config):
   caption_negative_groups(value)
 
 
+# ClusModel's top-level parameter groups (tests/train/test_train.py checks the list).
+PARAM_GROUPS = ("vision", "vision_proj", "text", "text_proj", "temperature",
+                "siglip_log_temperature", "siglip_bias", "prototypes", "fusion", "longnet",
+                "itm_head", "mlm_transform", "mlm_norm", "mlm_decoder", "task_head")
+
+
+def _frozen(value, config):
+  bad = [g for g in value if g not in PARAM_GROUPS]
+  if bad:
+    return f"{bad[0]!r} is not a parameter group; use some of {', '.join(PARAM_GROUPS)}."
+  return None
+
+
 def _backgrounds(value, config):
   bad = [b for b in value if b not in SHAPES_BACKGROUNDS]
   if bad or not value:
@@ -204,6 +217,9 @@ RULES = (
     ("optim.b2", FLOAT, Range(0, 1, high_open=True)),
     ("optim.weight_decay", FLOAT, NON_NEGATIVE),
     ("optim.grad_clip_norm", FLOAT, NON_NEGATIVE),
+    # Top-level parameter groups held fixed ("vision", "text", ...); whether this
+    # model has them is checked when the optimizer state is made.
+    ("optim.frozen", STRS, _frozen, has("optim.frozen")),
     # Training loop.
     ("train.batch_size", INT, POSITIVE),
     ("train.num_steps", INT, POSITIVE),

@@ -222,6 +222,10 @@ def get_config(arg=None):
   c.optim.b2 = 0.999
   c.optim.weight_decay = 0.01
   c.optim.grad_clip_norm = 0.0    # 0 = no clipping
+  # Top-level parameter groups held fixed: no gradient (their backward pass is not
+  # built), no update, no Adam moments; e.g. ("vision",) fine-tunes on a frozen image
+  # tower, ("vision", "text") trains only what reads the towers' outputs.
+  c.optim.frozen = ()
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 2048       # global batch (all devices, all hosts)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from clusjax import workdir as wd
-from clusjax.config import ConfigError, caption_negative_groups, validate
+from clusjax.config import PARAM_GROUPS, ConfigError, caption_negative_groups, validate
 from clusjax.data import Tokenizer, make_source, make_train_iterator
 from clusjax.data.prompts import caption_tags, labeler_from_config
 from clusjax.losses import infonce_from_logits, itc_logits, noun_codes, prompt_label_loss
@@ -314,3 +314,61 @@ def test_grad_accumulation_trains_the_full_objective(data):
   with pytest.raises(ConfigError, match="grad_accum_steps=2 does not work with "
                                         "config.loss.itc.softclip.self_similarity='tags'"):
     validate(config)
+
+
+def test_frozen_groups_get_no_gradient_update_or_moments(data):
+  """optim.frozen=("vision",): the image tower's parameters stay bit for bit over two
+  steps while the rest train, Adam keeps no moments for them, and the step's
+  backward pass through the tower is not built (fewer compiled FLOPs)."""
+  config, tokenizer, batch = data
+  mesh = create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  frozen = config.copy_and_resolve_references()
+  frozen.optim.frozen = ("vision",)
+  model = build_model(config, tokenizer.vocab_size)
+  before = init_state(model, *_state_args(config, model, mesh)).params
+  assert set(before) <= set(PARAM_GROUPS)
+  state, _, m2 = _one_step(frozen, tokenizer, batch, mesh)
+  assert np.isfinite(m2["loss"])
+  for group, same in (("vision", True), ("text", False), ("fusion", False)):
+    changed = [not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+               zip(jax.tree.leaves(before[group]), jax.tree.leaves(state.params[group]))]
+    assert not any(changed) if same else all(changed), group
+
+  def floats(cfg):
+    tx, _ = make_optimizer(cfg.optim, cfg.train.num_steps)
+    return sum(x.size for x in jax.tree.leaves(jax.eval_shape(tx.init, before)))
+  vision = sum(x.size for x in jax.tree.leaves(before["vision"]))
+  assert floats(config) - floats(frozen) == 2 * vision    # Adam's mu and nu
+
+  def step_flops(cfg):
+    fn = jax.jit(make_loss_and_grads(model, cfg, TextIds.of(tokenizer)))
+    compiled = fn.lower(before, batch, jax.random.key(0), state.active).compile()
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+  # The tower's backward (weight gradients, and input gradients above the stem) is
+  # not built: the step saves more than the tower's forward FLOPs.
+  images = batch["image"]
+  tower = jax.jit(lambda p: model.apply({"params": p}, images, method=ClusModel.encode_image))
+  cost = tower.lower(before).compile().cost_analysis()
+  forward = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+  saved = step_flops(config) - step_flops(frozen)
+  assert saved > 1.2 * forward > 0, (saved, forward)
+
+
+def _state_args(config, model, mesh):
+  tx, _ = make_optimizer(config.optim, config.train.num_steps)
+  _, shardings = abstract_state(model, tx, config, mesh, rules_from_config(config))
+  return tx, config, shardings
+
+
+def test_frozen_group_not_in_the_model_is_a_config_error(data):
+  """A group name the config accepts (PARAM_GROUPS) but this model lacks: a
+  pre-training has no task head."""
+  config, tokenizer, _ = data
+  config = config.copy_and_resolve_references()
+  config.optim.frozen = ("vision", "task_head")
+  mesh = create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  model = build_model(config, tokenizer.vocab_size)
+  with pytest.raises(ConfigError, match=r"config.optim.frozen: 'task_head' is not a parameter "
+                                        r"group of this model; its groups: .*vision"):
+    _state_args(config, model, mesh)
