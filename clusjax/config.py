@@ -86,9 +86,10 @@ PARAM_GROUPS = ("vision", "vision_proj", "text", "text_proj", "temperature",
 
 
 def _frozen(value, config):
-  bad = [g for g in value if g not in PARAM_GROUPS]
+  bad = [p for p in value if p.split("/")[0] not in PARAM_GROUPS or "" in p.split("/")]
   if bad:
-    return f"{bad[0]!r} is not a parameter group; use some of {', '.join(PARAM_GROUPS)}."
+    return (f"{bad[0]!r} is not a parameter path; each is a group ({', '.join(PARAM_GROUPS)}) "
+            f"or a module in one, as 'vision/cnn_stem'.")
   return None
 
 
@@ -217,7 +218,7 @@ RULES = (
     ("optim.b2", FLOAT, Range(0, 1, high_open=True)),
     ("optim.weight_decay", FLOAT, NON_NEGATIVE),
     ("optim.grad_clip_norm", FLOAT, NON_NEGATIVE),
-    # Top-level parameter groups held fixed ("vision", "text", ...); whether this
+    # Parameter subtrees held fixed ("vision", "vision/cnn_stem", ...); whether this
     # model has them is checked when the optimizer state is made.
     ("optim.frozen", STRS, _frozen, has("optim.frozen")),
     # Training loop.

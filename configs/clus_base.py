@@ -222,9 +222,9 @@ def get_config(arg=None):
   c.optim.b2 = 0.999
   c.optim.weight_decay = 0.01
   c.optim.grad_clip_norm = 0.0    # 0 = no clipping
-  # Top-level parameter groups held fixed: no gradient (their backward pass is not
-  # built), no update, no Adam moments; e.g. ("vision",) fine-tunes on a frozen image
-  # tower, ("vision", "text") trains only what reads the towers' outputs.
+  # Parameter subtrees held fixed: no gradient (their backward pass is not built), no
+  # update, no Adam moments. A top-level group ("vision": a frozen image tower) or a
+  # module in one ("vision/cnn_stem"); ("vision", "text") trains what reads the towers.
   c.optim.frozen = ()
 
   c.train = ml_collections.ConfigDict()

@@ -20,30 +20,51 @@ def _decay_mask(params):
 
 
 def frozen_groups(optim_config):
-  """The top-level parameter groups `optim.frozen` holds fixed (a tuple; () = none)."""
+  """The parameter subtrees `optim.frozen` holds fixed, as paths: "vision" (a top-level
+  group) or "vision/cnn_stem" (a module inside one); () = none."""
   return tuple(optim_config.get("frozen", ()))
 
 
 def check_frozen(frozen, params):
-  """Raises ConfigError naming a frozen group that `params` does not have."""
+  """Raises ConfigError naming a frozen path that `params` does not have."""
   from clusjax.config import ConfigError
-  for name in frozen:
-    if name not in params:
-      raise ConfigError(f"config.optim.frozen: {name!r} is not a parameter group of this "
-                       f"model; its groups: {', '.join(sorted(params))}.")
+  for path in frozen:
+    tree, seen = params, []
+    for key in path.split("/"):
+      if not hasattr(tree, "keys") or key not in tree:
+        where = "/".join(seen) or "the model"
+        have = ", ".join(sorted(tree)) if hasattr(tree, "keys") else "no sub-modules"
+        raise ConfigError(f"config.optim.frozen: {path!r} is not in this model's parameters "
+                          f"({where} has {have}).")
+      tree, seen = tree[key], seen + [key]
+
+
+def _map_frozen(params, frozen, leaf, prefix=""):
+  """`params` as a prefix tree in which each frozen subtree is `leaf(subtree, True)`
+  and each subtree with nothing frozen under it `leaf(subtree, False)`."""
+  out = {}
+  for key, value in params.items():
+    path = f"{prefix}{key}"
+    if path in frozen:
+      out[key] = leaf(value, True)
+    elif any(f.startswith(path + "/") for f in frozen):
+      out[key] = _map_frozen(value, frozen, leaf, path + "/")
+    else:
+      out[key] = leaf(value, False)
+  return type(params)(out)
 
 
 def stop_frozen(params, frozen):
-  """`params` with the groups in `frozen` behind stop_gradient: their gradient is
+  """`params` with the subtrees in `frozen` behind stop_gradient: their gradient is
   zero and the backward pass through them is never built (a frozen image tower
   costs its forward only)."""
   if not frozen:
     return params
-  return {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in params.items()}
+  return _map_frozen(params, frozen, lambda v, f: jax.lax.stop_gradient(v) if f else v)
 
 
 def make_optimizer(optim_config, num_steps):
-  """Returns (optax transformation, schedule). Groups in `optim.frozen` get no update
+  """Returns (optax transformation, schedule). Subtrees in `optim.frozen` get no update
   (no weight decay either) and no Adam moments."""
   schedule = learning_rate_schedule(optim_config, num_steps)
   parts = []
@@ -55,8 +76,8 @@ def make_optimizer(optim_config, num_steps):
   tx = optax.chain(*parts)
   frozen = frozen_groups(optim_config)
   if frozen:
-    def labels(params):   # a prefix of the params: one label per top-level group
+    def labels(params):   # a prefix tree of the params
       check_frozen(frozen, params)
-      return type(params)({k: "frozen" if k in frozen else "train" for k in params})
+      return _map_frozen(params, frozen, lambda _, f: "frozen" if f else "train")
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   return tx, schedule

@@ -316,10 +316,16 @@ def test_grad_accumulation_trains_the_full_objective(data):
     validate(config)
 
 
+def _leaves_changed(before, after):
+  return [not np.array_equal(np.asarray(a), np.asarray(b))
+          for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))]
+
+
 def test_frozen_groups_get_no_gradient_update_or_moments(data):
   """optim.frozen=("vision",): the image tower's parameters stay bit for bit over two
   steps while the rest train, Adam keeps no moments for them, and the step's
-  backward pass through the tower is not built (fewer compiled FLOPs)."""
+  backward pass through the tower is not built (fewer compiled FLOPs). A module
+  path ("vision/block_0") freezes that module alone."""
   config, tokenizer, batch = data
   mesh = create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   frozen = config.copy_and_resolve_references()
@@ -330,8 +336,7 @@ def test_frozen_groups_get_no_gradient_update_or_moments(data):
   state, _, m2 = _one_step(frozen, tokenizer, batch, mesh)
   assert np.isfinite(m2["loss"])
   for group, same in (("vision", True), ("text", False), ("fusion", False)):
-    changed = [not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
-               zip(jax.tree.leaves(before[group]), jax.tree.leaves(state.params[group]))]
+    changed = _leaves_changed(before[group], state.params[group])
     assert not any(changed) if same else all(changed), group
 
   def floats(cfg):
@@ -354,6 +359,15 @@ def test_frozen_groups_get_no_gradient_update_or_moments(data):
   saved = step_flops(config) - step_flops(frozen)
   assert saved > 1.2 * forward > 0, (saved, forward)
 
+  block = config.copy_and_resolve_references()
+  block.optim.frozen = ("vision/block_0",)
+  state, _, _ = _one_step(block, tokenizer, batch, mesh)
+  assert not any(_leaves_changed(before["vision"]["block_0"], state.params["vision"]["block_0"]))
+  rest = {k: v for k, v in before["vision"].items() if k != "block_0"}
+  assert all(_leaves_changed(rest, {k: state.params["vision"][k] for k in rest}))
+  block_size = sum(x.size for x in jax.tree.leaves(before["vision"]["block_0"]))
+  assert floats(config) - floats(block) == 2 * block_size
+
 
 def _state_args(config, model, mesh):
   tx, _ = make_optimizer(config.optim, config.train.num_steps)
@@ -369,6 +383,10 @@ def test_frozen_group_not_in_the_model_is_a_config_error(data):
   config.optim.frozen = ("vision", "task_head")
   mesh = create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   model = build_model(config, tokenizer.vocab_size)
-  with pytest.raises(ConfigError, match=r"config.optim.frozen: 'task_head' is not a parameter "
-                                        r"group of this model; its groups: .*vision"):
+  with pytest.raises(ConfigError, match=r"config.optim.frozen: 'task_head' is not in this "
+                                        r"model's parameters \(the model has .*vision"):
+    _state_args(config, model, mesh)
+  config.optim.frozen = ("vision/no_such_block",)
+  with pytest.raises(ConfigError, match=r"'vision/no_such_block' is not in this model's "
+                                        r"parameters \(vision has .*block_0"):
     _state_args(config, model, mesh)
