@@ -140,6 +140,10 @@ def task_micro_config(task, data_dir, **overrides):
   import importlib
   c = importlib.import_module(f"configs.{task}").get_config("tiny")
   c.data.data_dir = str(data_dir)
+  # MICRO's towers have the patch stem: a held-fixed CNN stem (vqa.py:tiny) becomes the
+  # patch embedding, so the micro fine-tunes still run with a frozen module.
+  c.optim.frozen = tuple("vision/patch_embed" if p == "vision/cnn_stem" else p
+                         for p in c.optim.frozen)
   items = dict(MICRO, **{k.replace("__", "."): v for k, v in overrides.items()})
   for key, value in items.items():
     set_key(c, key, value)
