@@ -31,7 +31,7 @@ def _tiny(c):
   """Fine-tunes the :tiny pre-training on 2 CPU cores in minutes."""
   # Shapes NLVR draws the pre-training's shapes, so the image tower is held fixed (a step
   # 2x faster: no backward through two images' towers) and the steps go to the fusion
-  # and head: 0.885 at 1,000 x 64, lr 3e-4, in 9.2 min, where "both images / exactly
+  # and head: 0.885 at 1,000 x 64, lr 3e-4, in 8.8 min, where "both images / exactly
   # one image contain a <kind>" rise from chance; 0.805 at 700 steps, 0.820 at 800 with
   # lr 5e-4 (those two still at chance); 0.756 unfrozen at 500 x 64, 1e-4 (README).
   downstream.tiny(c, batch_size=64, num_steps=1_000, checkpoint_every=200)

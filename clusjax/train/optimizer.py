@@ -1,5 +1,5 @@
-"""AdamW with linear warm-up then cosine decay (optax), as in the paper; parameter
-groups named in `optim.frozen` are held fixed."""
+"""AdamW with linear warm-up then cosine decay (optax), as in the paper; the parameter
+subtrees named in `optim.frozen` are held fixed."""
 import jax
 import optax
 
@@ -19,7 +19,7 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def frozen_groups(optim_config):
+def frozen_paths(optim_config):
   """The parameter subtrees `optim.frozen` holds fixed, as paths: "vision" (a top-level
   group) or "vision/cnn_stem" (a module inside one); () = none."""
   return tuple(optim_config.get("frozen", ()))
@@ -74,7 +74,7 @@ def make_optimizer(optim_config, num_steps):
       schedule, b1=optim_config.b1, b2=optim_config.b2,
       weight_decay=optim_config.weight_decay, mask=_decay_mask))
   tx = optax.chain(*parts)
-  frozen = frozen_groups(optim_config)
+  frozen = frozen_paths(optim_config)
   if frozen:
     def labels(params):   # a prefix tree of the params
       check_frozen(frozen, params)

@@ -12,7 +12,7 @@ from clusjax.clustering import cluster_prototypes
 from clusjax.train.objective import (BATCH_TERMS, FEATURES, batch_terms, compute_losses,
                                      loss_weights, micro_terms, step_rngs, tower_outputs,
                                      weighted_sum)
-from clusjax.train.optimizer import frozen_groups, stop_frozen
+from clusjax.train.optimizer import frozen_paths, stop_frozen
 from clusjax.train.state import is_prototype_leaf
 
 
@@ -70,7 +70,7 @@ def accumulated_losses(model, params, batch, rng, config, text_ids, active, m):
     mb, key, cot = args
 
     def surrogate(p):
-      p = stop_frozen(p, frozen_groups(config.optim))
+      p = stop_frozen(p, frozen_paths(config.optim))
       o = towers(p, mb, key)
       t = micro_terms(model, p, o, mb, step_rngs(key), config, text_ids, active, local)
       own = weighted_sum(t, local)
@@ -156,7 +156,7 @@ def make_loss_and_grads(model, config, text_ids, teacher_model=None):
     if m > 1:
       return accumulated_losses(model, params, batch, rng, config, text_ids, active, m)
     teacher = None if teacher_model is None else (teacher_model, teacher_params)
-    frozen = frozen_groups(config.optim)
+    frozen = frozen_paths(config.optim)
     (loss, aux), grads = jax.value_and_grad(
         lambda p: compute_losses(model, stop_frozen(p, frozen), batch, rng, config, text_ids,
                                  active, teacher),

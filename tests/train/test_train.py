@@ -321,7 +321,7 @@ def _leaves_changed(before, after):
           for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))]
 
 
-def test_frozen_groups_get_no_gradient_update_or_moments(data):
+def test_frozen_paths_get_no_gradient_update_or_moments(data):
   """optim.frozen=("vision",): the image tower's parameters stay bit for bit over two
   steps while the rest train, Adam keeps no moments for them, and the step's
   backward pass through the tower is not built (fewer compiled FLOPs). A module
