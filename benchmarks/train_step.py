@@ -102,19 +102,18 @@ def main(argv):
     c = config.copy_and_resolve_references()
     c.dtype, c.remat = dtype, remat
     cost, seconds = measure(c, _STEPS.value, _WARMUP.value)
-    rows.append((dtype, remat, cost, seconds))
     rate = throughput(cost.flops, 1, seconds, config.train.batch_size, kind, dtype)
+    rows.append((dtype, remat, cost, seconds, rate))
     # Each variant's figures as soon as it is measured (a long run cut short keeps them).
     print(f"  {dtype}:{remat}: {seconds:.3f} s/step, compiled in {cost.compile_seconds:.0f} s, "
           f"{cost.flops / 1e9:.1f} GFLOP, {rate['tflops_per_device']:.2f} TFLOP/s"
           + (f", MFU {rate['mfu']:.1%}" if "mfu" in rate else ""), flush=True)
 
-  _, _, base, base_seconds = rows[0]
+  _, _, base, base_seconds, _ = rows[0]
   print("\n| dtype | remat | step s | x time | compile s | args MiB | outputs MiB | temps MiB "
         "| x temps | GFLOP | x FLOPs | examples/s | TFLOP/s | MFU |")
   print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-  for dtype, remat, cost, seconds in rows:
-    rate = throughput(cost.flops, 1, seconds, config.train.batch_size, kind, dtype)
+  for dtype, remat, cost, seconds, rate in rows:
     mfu = f"{rate['mfu']:.1%}" if "mfu" in rate else "-"
     print(f"| {dtype} | {remat} | {seconds:.3f} | {seconds / base_seconds:.2f} | "
           f"{cost.compile_seconds:.0f} | {cost.argument_bytes / mib:.1f} | "
@@ -122,6 +121,7 @@ def main(argv):
           f"{cost.temp_bytes / base.temp_bytes:.2f} | {cost.flops / 1e9:.1f} | "
           f"{cost.flops / base.flops:.2f} | {rate['examples_per_sec']:.1f} | "
           f"{rate['tflops_per_device']:.2f} | {mfu} |")
+
 
 if __name__ == "__main__":
   main(sys.argv)
