@@ -57,7 +57,7 @@ def test_caption_config_follows_table_1_and_keeps_the_towers():
 def test_caption_config_errors(shapes_data_dir):
   config = task_micro_config("caption", shapes_data_dir)
   validate(config)
-  config.caption.mask_ratio = 0.0
+  config.caption.mask_ratio, config.caption.decode_query = 0.0, "mask"
   with pytest.raises(ConfigError, match="decode_query='mask'"):
     validate(config)
   config.caption.decode_query = "next"
