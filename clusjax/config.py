@@ -38,7 +38,7 @@ SOFTCLIP_SELF_SIMILARITY = ("features", "tags")
 # clusjax.models.vit stems, clusjax.data.shapes VERSIONS and shapes_v2.BACKGROUNDS,
 # clusjax.eval.retrieval.RERANK_SCORES (kept here: no jax / TFDS import; a test checks).
 VISION_STEMS = ("patch", "conv", "pool", "cnn")
-SHAPES_VERSIONS = (1, 2)
+SHAPES_VERSIONS = (1, 2, 3)
 SHAPES_BACKGROUNDS = ("dark", "noise", "light")
 RERANK_SCORES = ("itm", "itm+itc")
 INTS = Kind((tuple, list), "a tuple of integers", int, "an integer")

@@ -73,9 +73,10 @@ def get_config(arg=None):
   c.data.shapes_num_train = 100_000
   c.data.shapes_num_val = 1_000
   c.data.shapes_num_test = 1_000
-  # Built-in shapes renderer: 2 (sizes, places, rotation, anti-aliasing, colour and
+  # Built-in shapes data version: 2 (sizes, places, rotation, anti-aliasing, colour and
   # background vary; clusjax/data/shapes_v2.py) | 1 (fixed centred masks on black, the
-  # sets made before v2). Backgrounds v2 draws from: dark | noise | light.
+  # sets made before v2) | 3 (v2's images; val / test scenes never repeat within their
+  # split). Backgrounds v2 draws from: dark | noise | light.
   c.data.shapes_version = 2
   c.data.shapes_backgrounds = ("dark", "noise")
   # Built-in shapes: differently worded captions per image (records = images x this;

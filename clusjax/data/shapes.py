@@ -28,6 +28,7 @@ import concurrent.futures
 import dataclasses
 import fcntl
 import io
+import math
 import multiprocessing
 import os
 import time
@@ -52,8 +53,10 @@ POSITION_PHRASES = ("on the left", "on the right", "at the top", "at the bottom"
 SPLITS = ("train", "val", "test")
 MAX_SHAPES = 3          # attribute arrays in the TFDS set are [MAX_SHAPES]
 MIN_IMAGE_SIZE = 16
-VERSIONS = (1, 2)       # renderers; TFDS versions 1.1.0 and 2.0.0
-LATEST_VERSION = 2
+# Data versions, TFDS 1.1.0, 2.0.0, 3.0.0: 1 and 2 are renderers; 3 is v2's renderer with
+# val / test scenes that never repeat within their split (make_example).
+VERSIONS = (1, 2, 3)
+LATEST_VERSION = 2      # the default
 DEFAULT_BACKGROUNDS = shapes_v2.DEFAULT_BACKGROUNDS
 # v1: offset of a shape inside its cell, as a fraction of the free room (0 = centred).
 JITTER = 0.0
@@ -148,17 +151,67 @@ def caption_variants(kind, colour, size, position, image_index, num_captions,
                    background) for j in range(num_captions)]
 
 
+def _draw_scene(rng, n):
+  """n shapes' attributes at distinct places (the scene), drawn from `rng`."""
+  return {"position": rng.permutation(len(POSITIONS))[:n],
+          "kind": rng.integers(0, len(KINDS), n),
+          "colour": rng.integers(0, len(COLOURS), n),
+          "size": rng.integers(0, len(SIZES), n)}
+
+
+def _scene_key(attrs):
+  return tuple(sorted(zip(*(np.asarray(attrs[k]).tolist()
+                            for k in ("position", "kind", "colour", "size")))))
+
+
+def _num_scenes(n):
+  """How many different scenes of n shapes there are."""
+  return math.comb(len(POSITIONS), n) * (len(KINDS) * len(COLOURS) * len(SIZES)) ** n
+
+
+# (split_id, seed, min_shapes, max_shapes) -> (attrs of examples 0.. so far, keys seen).
+_DISTINCT = {}
+
+
+def _distinct_scene(split, split_id, index, seed, min_shapes, max_shapes):
+  """Data version 3's scene of eval example `index`: its v2 draw unless an earlier
+  example of the split has that scene; then redrawn (the same number of shapes)
+  from its own stream until new. A pure function of its arguments: the examples
+  before `index` are drawn (and kept) first."""
+  done, seen = _DISTINCT.setdefault((split_id, seed, min_shapes, max_shapes), ([], set()))
+  for i in range(len(done), index + 1):
+    rng = np.random.default_rng([seed, split_id, i])
+    m = int(rng.integers(min_shapes, max_shapes + 1))
+    scene = _draw_scene(rng, m)
+    redraw = np.random.default_rng([seed, split_id, i, 3])
+    while _scene_key(scene) in seen:
+      if sum(len(k) == m for k in seen) >= _num_scenes(m):
+        raise ValueError(
+            f"captioned shapes version 3: {split} example {i} needs a new scene of {m} "
+            f"shape(s), but all {_num_scenes(m)} are taken; use fewer {split} examples "
+            "or version 2 (which repeats scenes).")
+      scene = _draw_scene(redraw, m)
+    seen.add(_scene_key(scene))
+    done.append(scene)
+  return done[index]
+
+
 def make_example(split, index, image_size, seed=0, *, min_shapes=1, max_shapes=MAX_SHAPES,
                  version=LATEST_VERSION, backgrounds=shapes_v2.DEFAULT_BACKGROUNDS):
   """Example `index` of `split`, a pure function of its arguments.
 
-  version: the renderer (VERSIONS); the scene (attributes, caption template) does
-  not depend on it. backgrounds: v2's background kinds to draw from (shapes_v2).
+  version: the data version (VERSIONS): 1 and 2 are renderers; the scene (attributes,
+  caption template) does not depend on them. Version 3 draws v2's images, but the val
+  and test scenes never repeat within their split: an eval example whose v2 scene an
+  earlier one has gets another (v2 repeats 22% of a 1,000-image test split, all but a
+  few one-shape scenes, of which there are 400, which caps paired retrieval R@1 at
+  0.88); the others, and every train example, are v2's. backgrounds: v2's background
+  kinds to draw from (shapes_v2).
 
   Returns:
     dict: image uint8 [S, S, 3]; caption str; num_shapes int; kind, colour,
     size, position int32 [max_shapes] (-1 where absent); background str (the
-    caption's word for it: "black", or "white" on v2's light backgrounds).
+    caption's word for it: "black", or "white" on v2's light ones).
   """
   _check_args(split, image_size, min_shapes, max_shapes)
   if version not in VERSIONS:
@@ -166,17 +219,16 @@ def make_example(split, index, image_size, seed=0, *, min_shapes=1, max_shapes=M
   split_id = SPLITS.index(split)
   rng = np.random.default_rng([seed, split_id, index])
   n = int(rng.integers(min_shapes, max_shapes + 1))
-  attrs = {"position": rng.permutation(len(POSITIONS))[:n],
-           "kind": rng.integers(0, len(KINDS), n),
-           "colour": rng.integers(0, len(COLOURS), n),
-           "size": rng.integers(0, len(SIZES), n)}
+  attrs = _draw_scene(rng, n)
   template = int(rng.integers(NUM_TEMPLATES))
+  if version >= 3 and split != "train":
+    attrs = _distinct_scene(split, split_id, index, seed, min_shapes, max_shapes)
   cells = [cell_bounds(int(p), image_size) for p in attrs["position"]]
   if version == 1:
     image, word = _draw_v1(rng, attrs, cells, image_size), "black"
   else:
-    # Its own stream: v2's draws never shift the scene's.
-    draw_rng = np.random.default_rng([seed, split_id, index, version])
+    # Its own stream: v2's draws never shift the scene's (version 3 draws v2's).
+    draw_rng = np.random.default_rng([seed, split_id, index, min(version, 2)])
     kind = draw_rng.choice(shapes_v2.check_backgrounds(backgrounds))
     canvas = shapes_v2.background(draw_rng, image_size, kind)
     largest = half_extents(image_size)[1]
@@ -286,8 +338,8 @@ def config_name(image_size, num_train, num_val, num_test, seed,
 
 
 def tfds_version(version):
-  """Renderer version (VERSIONS) -> the TFDS version string of its data sets."""
-  return {1: "1.1.0", 2: "2.0.0"}[version]
+  """Data version (VERSIONS) -> the TFDS version string of its data sets."""
+  return {1: "1.1.0", 2: "2.0.0", 3: "3.0.0"}[version]
 
 
 class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
@@ -296,13 +348,15 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
   Features: image = PNG bytes (a string Tensor: features.Image would need
   TensorFlow to encode), caption Text (decodes to bytes), num_shapes int32,
   kind/colour/size/position int32 [MAX_SHAPES]; from 2.0.0 background Text
-  (the caption's word for it). Version 1.1.0 sets are CaptionedShapesV1's.
+  (the caption's word for it). Version 1.1.0 and 2.0.0 sets are CaptionedShapesV1's
+  and CaptionedShapesV2's.
   """
-  VERSION = tfds.core.Version("2.0.0")
+  VERSION = tfds.core.Version("3.0.0")
   RELEASE_NOTES = {"1.0.0": "First release.",
                    "1.1.0": "Shapes centred in their cells (JITTER = 0).",
                    "2.0.0": "Renderer v2 (shapes_v2.py): continuous sizes and places, rotation, "
-                            "anti-aliasing, colour jitter, varied backgrounds."}
+                            "anti-aliasing, colour jitter, varied backgrounds.",
+                   "3.0.0": "v2's images; val and test scenes never repeat within their split."}
   BUILDER_CONFIGS = []  # configs are made on the fly by prepare_shapes
   # Nothing is downloaded, so no checksums file; TFDS's search for one next to
   # a module inside a package needs importlib_resources (not installed).
@@ -382,11 +436,17 @@ class CaptionedShapesV1(CaptionedShapes, skip_registration=True):
   VERSION = tfds.core.Version("1.1.0")
 
 
+class CaptionedShapesV2(CaptionedShapes, skip_registration=True):
+  """The v2 sets (TFDS 2.0.0), as CaptionedShapesV1 for 1.1.0."""
+  name = "captioned_shapes"
+  VERSION = tfds.core.Version("2.0.0")
+
+
 def prepare_shapes(data_dir, *, image_size, num_train, num_val, num_test, seed=0,
                    version=LATEST_VERSION, backgrounds=shapes_v2.DEFAULT_BACKGROUNDS):
   """Builds the set in `data_dir` ("" = TFDS default) unless already there.
 
-  version: the renderer (VERSIONS; 1 = the TFDS 1.1.0 sets made before v2);
+  version: the data version (VERSIONS; 1 = the TFDS 1.1.0 sets made before v2);
   backgrounds: v2's background kinds. Safe to call from several processes on one
   file system at once: a file lock lets one build while the others wait, then
   they all reuse it. Prints the generation time when it builds.
@@ -403,7 +463,7 @@ def prepare_shapes(data_dir, *, image_size, num_train, num_val, num_test, seed=0
                                          shapes_v2.DEFAULT_BACKGROUNDS),
                         image_size=image_size, num_train=num_train, num_val=num_val,
                         num_test=num_test, seed=seed, backgrounds=backgrounds)
-  cls = CaptionedShapes if version == 2 else CaptionedShapesV1
+  cls = {1: CaptionedShapesV1, 2: CaptionedShapesV2, 3: CaptionedShapes}[version]
   make = lambda: cls(data_dir=data_dir or None, config=config,  # noqa: E731
                      file_format="array_record")
   builder = make()

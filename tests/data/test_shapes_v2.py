@@ -100,8 +100,8 @@ def test_backgrounds_and_caption_word():
   assert "a white background with" in e["caption"]
   with pytest.raises(ValueError, match="checkered"):
     shapes.make_example("train", 0, 32, backgrounds=("checkered",))
-  with pytest.raises(ValueError, match="version=3"):
-    shapes.make_example("train", 0, 32, version=3)
+  with pytest.raises(ValueError, match="version=4"):
+    shapes.make_example("train", 0, 32, version=4)
 
 
 def test_tfds_keeps_v1_sets_loading_beside_v2(tmp_path):
@@ -135,3 +135,43 @@ def test_transfer_set_balanced_and_not_the_training_renderer():
   for size in (16, 32):   # small images: every shape still fits its place
     small, _, _ = shapes_transfer.make_transfer_set(80, size)
     assert (small.max(axis=(1, 2, 3)) > 100).all()
+
+
+def test_version_3_eval_scenes_never_repeat_and_keep_v2s_images_otherwise(tmp_path):
+  """Data version 3: v2 repeats one-shape scenes in its test split (paired R@1 can't
+  tell those apart); v3 redraws each repeat until new, keeps every other eval image and
+  the whole train split of v2 byte for byte, is deterministic, and says when a split
+  needs more distinct scenes than there are."""
+  def scenes(split):
+    return [tuple(sorted(zip(*(split[k][i][:split["num_shapes"][i]].tolist()
+                                for k in ("position", "kind", "colour", "size")))))
+            for i in range(len(split["captions"]))]
+  v2 = shapes.make_split("test", 1000, S)
+  v3 = shapes.make_split("test", 1000, S, version=3)
+  s2, s3 = scenes(v2), scenes(v3)
+  assert len(set(s2)) < 0.9 * len(s2) and len(set(s3)) == len(s3)
+  # Example i keeps v2's scene and image unless an earlier v3 example has that scene.
+  taken, changed = set(), 0
+  for i in range(1000):
+    redrawn = s2[i] in taken
+    assert (s3[i] != s2[i]) == redrawn, i
+    assert np.array_equal(v2["images"][i], v3["images"][i]) == (not redrawn), i
+    assert v3["num_shapes"][i] == v2["num_shapes"][i]
+    taken.add(s3[i])
+    changed += redrawn
+  assert 100 < changed < 200
+  np.testing.assert_array_equal(shapes.make_split("test", 50, S, version=3)["images"],
+                                v3["images"][:50])
+  train = shapes.make_split("train", 200, S)
+  np.testing.assert_array_equal(shapes.make_split("train", 200, S, version=3)["images"],
+                                train["images"])
+  assert not set(_hashes(v3["images"])) & set(_hashes(train["images"]))
+  # 400 one-shape scenes exist: the 401st one-shape test example has none left.
+  with pytest.raises(ValueError, match="all 400 are taken"):
+    shapes.make_split("val", 401, S, max_shapes=1, version=3)
+  builder = shapes.prepare_shapes(str(tmp_path), image_size=S, num_train=4, num_val=4,
+                                  num_test=30, version=3)
+  assert str(builder.version) == "3.0.0"
+  record = builder.as_data_source(split="test")[29]
+  image = np.asarray(PIL.Image.open(__import__("io").BytesIO(record["image"])))
+  np.testing.assert_array_equal(image, v3["images"][29])
