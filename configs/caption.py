@@ -59,7 +59,7 @@ def get_config(arg=None):
 
 def _tiny(c):
   """Fine-tunes the :tiny pre-training on 2 CPU cores in under 10 minutes (README:
-  from the patch-8 :tiny, 700 x 64 in ~8.5 min wall on the idle 2-core VM).
+  from the patch-8 :tiny, 700 x 64 in 7.8 min wall on the idle 2-core VM).
 
   The next-token LM loss alone (mask ratio 0, decoding reads the last token): with
   0.6 of the caption masked, a word often cannot see the words before it that say

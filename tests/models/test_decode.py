@@ -209,25 +209,29 @@ def test_greedy_cache_no_cache_and_full_argmax(caption_model, mask_query):
     np.testing.assert_array_equal(np.argmax(logits, -1)[live], seqs[live, s + 1])
 
 
-def test_beam_cache_no_cache_and_beam_one_is_greedy(caption_model):
+@pytest.mark.parametrize("mask_query", [True, False])
+def test_beam_cache_no_cache_and_beam_one_is_greedy(caption_model, mask_query):
   model, params, images = caption_model
   beam = [jax.jit(caption_decoder(model, TEXT_IDS, max_len=10, method="beam", beam_size=3,
-                                  length_penalty=0.6, use_cache=c))(params, images[:4])
+                                  length_penalty=0.6, use_cache=c,
+                                  mask_query=mask_query))(params, images[:4])
           for c in (True, False)]
   np.testing.assert_array_equal(beam[0][0], beam[1][0])
   np.testing.assert_allclose(beam[0][1], beam[1][1], rtol=1e-5)
-  one, _ = jax.jit(caption_decoder(model, TEXT_IDS, max_len=10, method="beam",
-                                   beam_size=1))(params, images[:4])
-  greedy, _ = jax.jit(caption_decoder(model, TEXT_IDS, max_len=10,
-                                      method="greedy"))(params, images[:4])
+  one, _ = jax.jit(caption_decoder(model, TEXT_IDS, max_len=10, method="beam", beam_size=1,
+                                   mask_query=mask_query))(params, images[:4])
+  greedy, _ = jax.jit(caption_decoder(model, TEXT_IDS, max_len=10, method="greedy",
+                                      mask_query=mask_query))(params, images[:4])
   np.testing.assert_array_equal(one, greedy)
 
 
-def test_sharded_batch_gives_the_one_device_captions(caption_model):
+@pytest.mark.parametrize("mask_query", [True, False])
+def test_sharded_batch_gives_the_one_device_captions(caption_model, mask_query):
   """A batch of 64 split over 8 (fake CPU) devices decodes to the 1-device captions."""
   model, params, images = caption_model
   assert jax.device_count() == 8
-  fn = jax.jit(caption_decoder(model, TEXT_IDS, max_len=10, method="beam", beam_size=2))
+  fn = jax.jit(caption_decoder(model, TEXT_IDS, max_len=10, method="beam", beam_size=2,
+                               mask_query=mask_query))
   one, _ = fn(params, images)
   mesh = create_mesh({"data": 8, "fsdp": 1, "tensor": 1})
   sharded = jax.device_put(images, NamedSharding(mesh, P("data")))
