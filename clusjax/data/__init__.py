@@ -2,8 +2,8 @@
 from clusjax.data.decoding import decode_record
 from clusjax.data.pipeline import (iterate_eval, make_sampled_iterator, make_train_iterator,
                                    reset_skipped_records, skipped_records)
-from clusjax.data.shapes import (COLOUR_RGB, COLOURS, KINDS, POSITIONS, SIZES, CaptionedShapes,
-                                 make_split, prepare_shapes)
+from clusjax.data.shapes import COLOUR_RGB, COLOURS, KINDS, POSITIONS, SIZES, make_split
+from clusjax.data.shapes_tfds import CaptionedShapes, prepare_shapes
 from clusjax.data.sources import JsonlSource, ShapesSource, TfdsSource, make_source
 from clusjax.data.tokenizer import Tokenizer
 

@@ -11,7 +11,7 @@ import os
 import numpy as np
 from tensorflow_datasets.core import read_only_builder
 
-from clusjax.data import shapes
+from clusjax.data import shapes, shapes_tfds
 from clusjax.data.damage import JsonlLines
 
 NAMES = ("shapes", "tfds", "jsonl", "easy_vqa")
@@ -291,7 +291,7 @@ def make_source(data_config, split, task="pretrain"):
     if split not in _SHAPES_SPLITS:
       raise ValueError(f"split {split!r} is not a captioned-shapes split; "
                        f"use one of {sorted(_SHAPES_SPLITS)}")
-    builder = shapes.prepare_shapes(
+    builder = shapes_tfds.prepare_shapes(
         data_config.data_dir, image_size=data_config.image_size,
         num_train=data_config.shapes_num_train, num_val=data_config.shapes_num_val,
         num_test=data_config.shapes_num_test, seed=data_config.seed,

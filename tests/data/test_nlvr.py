@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from clusjax.data import nlvr, shapes
+from clusjax.data import nlvr, shapes_tfds
 from clusjax.data.shapes import COLOURS, KINDS
 from clusjax.data.sources import ShapesSource
 
@@ -18,7 +18,7 @@ N = 1000
 
 @pytest.fixture(scope="module")
 def shapes_src(tmp_path_factory):
-  b = shapes.prepare_shapes(str(tmp_path_factory.mktemp("shapes")), image_size=32, num_train=64,
+  b = shapes_tfds.prepare_shapes(str(tmp_path_factory.mktemp("shapes")), image_size=32, num_train=64,
                             num_val=8, num_test=32, seed=0)
   return ShapesSource(b.as_data_source(split="train"))
 

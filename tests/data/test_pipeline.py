@@ -10,7 +10,7 @@ import PIL.Image
 import pytest
 
 from clusjax import data
-from clusjax.data import shapes
+from clusjax.data import shapes, shapes_tfds
 from clusjax.data.sources import TfdsSource
 
 S, L = 32, 24
@@ -270,7 +270,7 @@ def test_make_source_errors_and_tfds(shapes_data_dir, tmp_path):
     data.make_source(_config(tmp_path, name="tfds", tfds_name="coco_captions"), "train")
   # name="tfds" reads any prepared ArrayRecord set from files, e.g. the shapes one.
   data.make_source(_config(shapes_data_dir), "train")  # make sure it is prepared
-  tfds_name = "captioned_shapes/" + shapes.config_name(S, 256, 16, 64, 0)
+  tfds_name = "captioned_shapes/" + shapes_tfds.config_name(S, 256, 16, 64, 0)
   source = data.make_source(_config(shapes_data_dir, name="tfds", tfds_name=tfds_name), "val")
   assert len(source) == 16 and source[2]["caption"] == shapes.make_split("val", 3, S)["captions"][2]
   assert isinstance(source[2]["image"], bytes)

@@ -8,7 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from clusjax.data import shapes
+from clusjax.data import shapes, shapes_tfds
 from clusjax.data.shapes import COLOUR_RGB, COLOURS, KINDS, POSITIONS, SIZES
 
 S = 32
@@ -125,7 +125,7 @@ def test_too_small_image_raises():
 
 def test_tfds_builder_matches_make_split(tmp_path):
   counts = {"train": 32, "val": 8, "test": 8}
-  builder = shapes.prepare_shapes(str(tmp_path), image_size=S, num_train=32, num_val=8,
+  builder = shapes_tfds.prepare_shapes(str(tmp_path), image_size=S, num_train=32, num_val=8,
                                   num_test=8, seed=2)
   assert builder.builder_config.name == "s32_tr32_va8_te8_seed2"
   assert str(builder.version) == "2.0.0"
@@ -145,7 +145,7 @@ def test_tfds_builder_matches_make_split(tmp_path):
   files = [os.path.join(builder.data_path, f) for f in os.listdir(builder.data_path)]
   mtimes = {f: os.path.getmtime(f) for f in files}
   start = time.time()
-  again = shapes.prepare_shapes(str(tmp_path), image_size=S, num_train=32, num_val=8,
+  again = shapes_tfds.prepare_shapes(str(tmp_path), image_size=S, num_train=32, num_val=8,
                                 num_test=8, seed=2)
   assert time.time() - start < 2.0
   assert again.is_prepared()

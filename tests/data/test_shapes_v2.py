@@ -5,7 +5,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from clusjax.data import shapes, shapes_transfer, shapes_v2
+from clusjax.data import shapes, shapes_tfds, shapes_transfer, shapes_v2
 from clusjax.data.shapes import COLOUR_RGB, COLOURS, KINDS
 
 S = 32
@@ -106,8 +106,8 @@ def test_backgrounds_and_caption_word():
 
 def test_tfds_keeps_v1_sets_loading_beside_v2(tmp_path):
   kwargs = dict(image_size=S, num_train=8, num_val=4, num_test=4, seed=0)
-  v1 = shapes.prepare_shapes(str(tmp_path), version=1, **kwargs)
-  v2 = shapes.prepare_shapes(str(tmp_path), **kwargs)
+  v1 = shapes_tfds.prepare_shapes(str(tmp_path), version=1, **kwargs)
+  v2 = shapes_tfds.prepare_shapes(str(tmp_path), **kwargs)
   assert (str(v1.version), str(v2.version)) == ("1.1.0", "2.0.0")
   for builder, version in ((v1, 1), (v2, 2)):
     ref = shapes.make_split("test", 4, S, version=version)
@@ -169,7 +169,7 @@ def test_version_3_eval_scenes_never_repeat_and_keep_v2s_images_otherwise(tmp_pa
   # 400 one-shape scenes exist: the 401st one-shape test example has none left.
   with pytest.raises(ValueError, match="all 400 are taken"):
     shapes.make_split("val", 401, S, max_shapes=1, version=3)
-  builder = shapes.prepare_shapes(str(tmp_path), image_size=S, num_train=4, num_val=4,
+  builder = shapes_tfds.prepare_shapes(str(tmp_path), image_size=S, num_train=4, num_val=4,
                                   num_test=30, version=3)
   assert str(builder.version) == "3.0.0"
   record = builder.as_data_source(split="test")[29]

@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from clusjax.data import shapes, vqa
+from clusjax.data import shapes_tfds, vqa
 from clusjax.data.shapes import COLOURS, KINDS, POSITION_PHRASES, POSITIONS, SIZES
 from clusjax.data.sources import ShapesSource
 
@@ -18,7 +18,7 @@ NUMBERS = {1: "one", 2: "two", 3: "three"}
 
 @pytest.fixture(scope="module")
 def shapes_src(tmp_path_factory):
-  b = shapes.prepare_shapes(str(tmp_path_factory.mktemp("shapes")), image_size=32, num_train=64,
+  b = shapes_tfds.prepare_shapes(str(tmp_path_factory.mktemp("shapes")), image_size=32, num_train=64,
                             num_val=8, num_test=32, seed=0)
   return ShapesSource(b.as_data_source(split="train"))
 
