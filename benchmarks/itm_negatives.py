@@ -28,6 +28,7 @@ import numpy as np
 import clusjax
 from clusjax.data import make_source
 from clusjax.data.negatives import swap_word
+from clusjax.data.shapes import scene_key
 from clusjax.eval.retrieval import RERANK_SCORES, load_eval_pairs, negative_type, rerank_pair_scores
 
 
@@ -52,10 +53,7 @@ def main():
   sim = image_feats @ text_feats.T
   k = min(args.k, n)
 
-  # A scene as what negative_type compares: its shapes' attributes, by place.
-  keys = [tuple(sorted(zip(*(np.asarray(r[a])[:int(r["num_shapes"])]
-                             for a in ("position", "colour", "kind", "size")))))
-          for r in scenes]
+  keys = [scene_key(r) for r in scenes]
   counts = collections.Counter(keys)
   repeats = np.array([counts[key] for key in keys])
   print(f"same-scene repeats: {np.mean(repeats > 1):.3f} of the {n} test images share their "

@@ -155,9 +155,11 @@ def _draw_scene(rng, n):
           "size": rng.integers(0, len(SIZES), n)}
 
 
-def _scene_key(attrs):
-  return tuple(sorted(zip(*(np.asarray(attrs[k]).tolist()
-                            for k in ("position", "kind", "colour", "size")))))
+def scene_key(attrs):
+  """A scene as a hashable value: its shapes' (position, kind, colour, size), sorted;
+  `attrs` maps those names to arrays, -1 (a record's padding) where no shape is."""
+  items = zip(*(np.asarray(attrs[k]).tolist() for k in ("position", "kind", "colour", "size")))
+  return tuple(sorted(item for item in items if item[1] >= 0))
 
 
 def _num_scenes(n):
@@ -180,14 +182,14 @@ def _distinct_scene(split, split_id, index, seed, min_shapes, max_shapes):
     m = int(rng.integers(min_shapes, max_shapes + 1))
     scene = _draw_scene(rng, m)
     redraw = np.random.default_rng([seed, split_id, i, 3])
-    while _scene_key(scene) in seen:
+    while scene_key(scene) in seen:
       if sum(len(k) == m for k in seen) >= _num_scenes(m):
         raise ValueError(
             f"captioned shapes version 3: {split} example {i} needs a new scene of {m} "
             f"shape(s), but all {_num_scenes(m)} are taken; use fewer {split} examples "
             "or version 2 (which repeats scenes).")
       scene = _draw_scene(redraw, m)
-    seen.add(_scene_key(scene))
+    seen.add(scene_key(scene))
     done.append(scene)
   return done[index]
 
