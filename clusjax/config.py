@@ -130,6 +130,7 @@ RULES = (
     ("data.shapes_version", INT, OneOf(SHAPES_VERSIONS), has("data.shapes_version")),
     ("data.shapes_backgrounds", STRS, _backgrounds, has("data.shapes_backgrounds")),
     ("data.captions_per_image", INT, POSITIVE),
+    ("data.shapes_twins", FLOAT, UNIT, has("data.shapes_twins")),
     ("data.tfds_name", STR, NON_EMPTY, its("data.name", "tfds")),
     ("data.image_key", STR, NON_EMPTY),
     ("data.caption_key", STR, NON_EMPTY),

@@ -82,6 +82,11 @@ def get_config(arg=None):
   # Built-in shapes: differently worded captions per image (records = images x this;
   # retrieval then follows the COCO / Flickr protocol, several captions per image).
   c.data.captions_per_image = 1
+  # Built-in shapes, training: this fraction of each batch's rows in pairs of an example
+  # and its place twin (its shapes moved to other places, drawn by the v2 renderer, the
+  # caption's places moved with them; clusjax/data/twins.py): in-batch negatives that
+  # only place tells apart. 0 = off.
+  c.data.shapes_twins = 0.0
   c.data.tfds_name = ""           # e.g. coco_captions, when name=tfds
   c.data.image_key = "image"
   c.data.caption_key = "caption"

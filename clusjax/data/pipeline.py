@@ -32,6 +32,7 @@ from clusjax.data.damage import (reset_skipped_records, skip_metrics,  # noqa: F
 from clusjax.data.decoding import clip_caption, decode_or_reason
 from clusjax.data.negatives import negative_caption
 from clusjax.data.sampler import SampledIndex
+from clusjax.data.twins import TwinBatches
 
 # Decoding threads: more than the cores only contend with the train step
 # (2-core CPU, batch 128 of 64 px: 124 ms of CPU per batch with 16 threads,
@@ -149,7 +150,7 @@ class _DropBad:
 
 def make_train_iterator(source, *, global_batch_size, seed, image_size, tokenizer, max_text_len,
                         process_index=0, process_count=1, num_workers=0, negative_groups=(),
-                        prompt_labeler=None, tagger=None, targets=None):
+                        prompt_labeler=None, tagger=None, targets=None, twin_pairs=0):
   """Infinite, shuffled, per-process batches of `source`.
 
   One shuffled stream of all records, the same in every process; global
@@ -171,6 +172,9 @@ def make_train_iterator(source, *, global_batch_size, seed, image_size, tokenize
     `clusjax.data.prompts.caption_tags`) also "tag_ids" / "tag_mask" [b, L].
     With `targets` (record -> dict of arrays, `clusjax.data.tasks`) also those,
     batched; records with "image2" (NLVR2) also "image2" [b, S, S, 3].
+    With `twin_pairs` p > 0 (`source` a `clusjax.data.twins.TwinSource`) the
+    stream shuffles the training records alone and each global batch is B - p
+    of them, the first p each followed by its twin.
   """
   if global_batch_size % process_count:
     raise ValueError(f"global batch size {global_batch_size} is not divisible by the number of "
@@ -185,9 +189,13 @@ def make_train_iterator(source, *, global_batch_size, seed, image_size, tokenize
   # Grain seeds epoch e's permutation with (shuffle seed + e), so epochs
   # differ. Hashing the seed keeps run seed=1 from replaying seed=0's epoch 2.
   shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
-  stream = grain.MapDataset.range(len(source)).shuffle(seed=shuffle_seed).repeat(None)
+  num_records = source.num_originals if twin_pairs else len(source)
+  stream = grain.MapDataset.range(num_records).shuffle(seed=shuffle_seed).repeat(None)
+  batches = _StreamBatches(stream, global_batch_size - twin_pairs)
+  if twin_pairs:
+    batches = TwinBatches(batches, num_records, twin_pairs)
   return make_sampled_iterator(
-      source, _StreamBatches(stream, global_batch_size), global_batch_size=global_batch_size,
+      source, batches, global_batch_size=global_batch_size,
       seed=seed, image_size=image_size, tokenizer=tokenizer, max_text_len=max_text_len,
       process_index=process_index, process_count=process_count, num_workers=num_workers,
       negative_groups=negative_groups, prompt_labeler=prompt_labeler, tagger=tagger,

@@ -194,6 +194,27 @@ def _distinct_scene(split, split_id, index, seed, min_shapes, max_shapes):
   return done[index]
 
 
+def draw_rng(seed, split, index):
+  """The stream v2 (and version 3) draws example `index`'s image from: its own, so
+  v2's draws never shift the scene's."""
+  return np.random.default_rng([seed, SPLITS.index(split), index, 2])
+
+
+def draw_v2(rng, attrs, image_size, backgrounds=shapes_v2.DEFAULT_BACKGROUNDS):
+  """v2's drawing of a scene (`attrs`: kind, colour, size, position arrays, -1 where
+  no shape is), from `rng`: (uint8 image [S, S, 3], the caption's background word)."""
+  kind = rng.choice(shapes_v2.check_backgrounds(backgrounds))
+  canvas = shapes_v2.background(rng, image_size, kind)
+  largest = half_extents(image_size)[1]
+  for k, c, s, p in zip(*(np.asarray(attrs[key]).tolist()
+                          for key in ("kind", "colour", "size", "position"))):
+    if k >= 0:
+      shapes_v2.draw_shape(canvas, rng, KINDS[k], COLOUR_RGB[c], s,
+                           cell_bounds(p, image_size), largest)
+  return np.clip(np.round(canvas), 0, 255).astype(np.uint8), (
+      "white" if kind == "light" else "black")
+
+
 def make_example(split, index, image_size, seed=0, *, min_shapes=1, max_shapes=MAX_SHAPES,
                  version=LATEST_VERSION, backgrounds=shapes_v2.DEFAULT_BACKGROUNDS):
   """Example `index` of `split`, a pure function of its arguments.
@@ -221,21 +242,11 @@ def make_example(split, index, image_size, seed=0, *, min_shapes=1, max_shapes=M
   template = int(rng.integers(NUM_TEMPLATES))
   if version >= 3 and split != "train":
     attrs = _distinct_scene(split, split_id, index, seed, min_shapes, max_shapes)
-  cells = [cell_bounds(int(p), image_size) for p in attrs["position"]]
   if version == 1:
+    cells = [cell_bounds(int(p), image_size) for p in attrs["position"]]
     image, word = _draw_v1(rng, attrs, cells, image_size), "black"
   else:
-    # Its own stream: v2's draws never shift the scene's (version 3 draws v2's).
-    draw_rng = np.random.default_rng([seed, split_id, index, min(version, 2)])
-    kind = draw_rng.choice(shapes_v2.check_backgrounds(backgrounds))
-    canvas = shapes_v2.background(draw_rng, image_size, kind)
-    largest = half_extents(image_size)[1]
-    for j in range(n):
-      shapes_v2.draw_shape(canvas, draw_rng, KINDS[attrs["kind"][j]],
-                           COLOUR_RGB[attrs["colour"][j]], int(attrs["size"][j]), cells[j],
-                           largest)
-    image = np.clip(np.round(canvas), 0, 255).astype(np.uint8)
-    word = "white" if kind == "light" else "black"
+    image, word = draw_v2(draw_rng(seed, split, index), attrs, image_size, backgrounds)
   described = [(f"a {SIZES[s]} {COLOURS[c]} {KINDS[k]}", POSITION_PHRASES[p])
                for k, c, s, p in zip(attrs["kind"], attrs["colour"], attrs["size"],
                                      attrs["position"])]

@@ -53,10 +53,12 @@ class ShapesSource:
            "num_shapes": int(r["num_shapes"])}
     for key in ("kind", "colour", "size", "position"):
       out[key] = np.asarray(r[key], np.int32)
+    # The caption's background word (sets made before v2 have none: black).
+    out["background"] = _text(r["background"]) if "background" in r else "black"
     if n > 1:
       out["caption"] = shapes.caption_variants(
           out["kind"], out["colour"], out["size"], out["position"], image_index, n,
-          _text(r["background"]) if "background" in r else "black")[j]
+          out["background"])[j]
       out["image_id"] = image_index
     return out
 

@@ -23,6 +23,7 @@ from clusjax.data.pipeline import skip_metrics
 from clusjax.data.sampler import ClusteredSampler
 from clusjax.data.prompts import labeler_from_config, tagger_from_config
 from clusjax.data.tasks import answer_vocab, task_targets
+from clusjax.data.twins import TwinBatches, with_twins
 from clusjax.models.clus import build_model
 from clusjax.parallel.hardware import chip_of
 from clusjax.parallel.mesh import (batch_sharding, create_mesh, mesh_context,
@@ -158,16 +159,20 @@ def stage_batches(stage, config, workdir, train_source, tokenizer, pretrained, t
       num_workers=config.data.num_workers,
       negative_groups=caption_negative_groups(config.data.caption_negatives),
       prompt_labeler=labeler_from_config(c), tagger=tagger_from_config(c), targets=targets)
+  # Place twins (config.data.shapes_twins): pairs of each batch's first rows.
+  source, pairs = with_twins(train_source, config.data, config.train.batch_size)
   if stage.sampler == "random":
     if stage.index:
       seed = int(np.random.SeedSequence([seed, stage.index]).generate_state(1)[0])
-    return make_train_iterator(train_source, seed=seed, **kwargs)
+    return make_train_iterator(source, seed=seed, twin_pairs=pairs, **kwargs)
   labels, stats = cluster_assignment(stage, workdir, train_source, pretrained)
   if jax.process_index() == 0:
     tqdm.write(describe_assignment(stage, stats))
-  sampler = ClusteredSampler(labels, len(train_source), config.train.batch_size, mix=stage.mix,
-                             seed=seed, stage=stage.index)
-  return make_sampled_iterator(train_source, sampler, seed=seed, **kwargs)
+  sampler = ClusteredSampler(labels, len(train_source), config.train.batch_size - pairs,
+                             mix=stage.mix, seed=seed, stage=stage.index)
+  if pairs:
+    sampler = TwinBatches(sampler, len(train_source), pairs)
+  return make_sampled_iterator(source, sampler, seed=seed, **kwargs)
 
 
 def clustering_on(config):
