@@ -147,6 +147,7 @@ RULES = (
     *((f"model.{tower}.{key}", INT, POSITIVE) for tower in ("vision", "text")
       for key in ("width", "depth", "num_heads", "mlp_dim")),
     ("model.vision.patch_size", INT, POSITIVE),
+    ("model.itm_itc_residual", BOOL, None, has("model.itm_itc_residual")),
     ("model.vision.stem", STR, OneOf(VISION_STEMS), has("model.vision.stem")),
     ("model.vision.stem_max_cls", BOOL, None, has("model.vision.stem_max_cls")),
     ("model.vision.stem_width", INT, NON_NEGATIVE, has("model.vision.stem_width")),

@@ -105,10 +105,10 @@ def check_model(config):
                       f"built-in shapes have {SHAPES_CAPTION_TEMPLATES} caption templates (one "
                       "per caption).")
   twins = config.data.get("shapes_twins", 0.0)
-  if twins and (config.data.name != "shapes" or config.data.get("shapes_version", 1) == 1):
-    raise ConfigError(f"config.data.shapes_twins={twins}: place twins are drawn by the built-in "
-                      "shapes' v2 renderer; they need config.data.name='shapes' with "
-                      "config.data.shapes_version 2 or 3 (or shapes_twins=0).")
+  if twins and config.data.name == "shapes" and config.data.get("shapes_version", 1) == 1:
+    raise ConfigError(f"config.data.shapes_twins={twins}: place twins are drawn by the v2 "
+                      "renderer; use config.data.shapes_version 2 or 3 with them, or "
+                      "shapes_twins=0.")
 
 
 def check_longnet(config):

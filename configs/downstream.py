@@ -32,6 +32,11 @@ def task_config(task, arg):
   for key in ("itc_weight", "itm_weight", "mlm_weight", "swap_weight", *LABEL_LOSS_KEYS):
     c.loss[key] = 0.0
   c.loss.swap_prediction = False
+  c.loss.unimodal.update(image_weight=0.0, text_weight=0.0)
+  # Built-in shapes: the fine-tunes' figures are on data version 2 (its train split is
+  # version 3's) without place twins.
+  c.data.shapes_version = 2
+  c.data.shapes_twins = 0.0
   c.clustering.enabled = False
   c.clustering.plots = False
   # Paper Table 1: AdamW betas (0.9, 0.995); cosine decay to 0.

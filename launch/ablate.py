@@ -36,6 +36,8 @@ from clusjax.config_checks import LABEL_LOSS_KEYS  # noqa: E402
 # thing of it. The seed sets config.seed (init, dropout, masking) and
 # config.data.seed (order of the batches).
 _NO_LABELS = {f"loss.{key}": 0.0 for key in LABEL_LOSS_KEYS}
+# The paper's rows leave out the uni-modal views (which :tiny adds for place).
+_NO_LABELS.update({"loss.unimodal.image_weight": 0.0, "loss.unimodal.text_weight": 0.0})
 
 
 def _clustered_stages(config):

@@ -111,6 +111,12 @@ class ClusModel(nn.Module):
     # Both heads give float32 logits (the softmax's input is never rounded to bf16).
     self.itm_head = dense(2, ("embed", None), dtype=self.dtype, float32_output=True,
                           name="itm_head")
+    if cfg.get("itm_itc_residual", False):
+      # The match log-odds start from the pair's ITC logit (this scale x cosine, no
+      # gradient into the towers): the head learns what ITC gets wrong.
+      self.itm_itc_scale = self.param(
+          "itm_itc_scale", nn.with_logical_partitioning(
+              nn.initializers.constant(1.0 / cfg.temperature_init), ()), (), jnp.float32)
     # MLM: BERT's prediction head (dense, GELU, LayerNorm, decoder over the vocabulary).
     self.mlm_transform = dense(cfg.text.width, ("embed", "mlp"), dtype=self.dtype,
                                name="mlm_transform")
@@ -150,6 +156,8 @@ class ClusModel(nn.Module):
     With LongNet (config.longnet.depth > 0) the pair's ITC features
     image_feats, text_feats [B, E] and the prototypes' `active` mask [K_max]
     give its cluster tokens: V_T = F_I Z / tau_z, V_I = F_T Z / tau_z (DESIGN §3-4).
+    With config.model.itm_itc_residual the match logit also gets their cosine times a
+    learned scale (ITM as a correction of ITC).
     """
     img, txt = self.fusion(image_tokens, text_tokens, text_mask, deterministic, outputs="cls")
     parts = [img[:, 0], txt[:, 0]]
@@ -160,7 +168,14 @@ class ClusModel(nn.Module):
       v_t = image_feats.astype(jnp.float32) @ z / self.cluster_temperature
       v_i = text_feats.astype(jnp.float32) @ z / self.cluster_temperature
       parts.append(self.cluster_encoder(v_t, v_i, active, deterministic).astype(img.dtype))
-    return self.itm_head(jnp.concatenate(parts, axis=-1))
+    logits = self.itm_head(jnp.concatenate(parts, axis=-1))
+    if self.config.get("itm_itc_residual", False):
+      if image_feats is None or text_feats is None:
+        raise ValueError("itm_logits with model.itm_itc_residual needs image_feats and text_feats.")
+      cosine = jnp.sum(jax.lax.stop_gradient(image_feats.astype(jnp.float32) *
+                                             text_feats.astype(jnp.float32)), axis=-1)
+      logits = logits.at[:, 1].add(self.itm_itc_scale * cosine)
+    return logits
 
   def mlm_logits(self, image_tokens, ids, mask, deterministic=True):
     """Encodes (masked) ids, fuses them with the images -> logits [B, L, V] float32."""

@@ -5,7 +5,7 @@ import pytest
 from clusjax import data
 from clusjax.config import ConfigError, validate
 from clusjax.data import shapes, shapes_v2
-from clusjax.data.twins import TwinBatches, TwinSource, make_twin, move_places
+from clusjax.data.twins import TwinBatches, TwinSource, make_twin, move_places, with_twins
 from tests.conftest import micro_config
 from tests.data.test_pipeline import tok  # noqa: F401 - fixture
 
@@ -126,11 +126,14 @@ def test_train_batches_hold_pairs_of_an_example_and_its_twin(tok):  # noqa: F811
   assert seen == set(range(24))
 
 
-def test_twins_need_the_built_in_shapes_v2(tmp_path):
+def test_twins_need_the_v2_renderer_and_only_the_built_in_shapes_get_them(tmp_path):
   for overrides, bad in ((dict(data__shapes_twins=1.5), "shapes_twins"),
-                         (dict(data__shapes_twins=0.5, data__shapes_version=1), "version"),
-                         (dict(data__shapes_twins=0.5, data__name="tfds",
-                               data__tfds_name="coco_captions"), "name='shapes'")):
+                         (dict(data__shapes_twins=0.5, data__shapes_version=1), "version")):
     with pytest.raises(ConfigError, match=bad):
       validate(micro_config(tmp_path, **overrides))
-  validate(micro_config(tmp_path, data__shapes_twins=0.5))
+  config = micro_config(tmp_path, data__shapes_twins=0.5)
+  validate(config)
+  source = ExampleSource(4)
+  assert with_twins(source, config.data, 16)[1] == 4
+  config.data.update(name="jsonl")   # a caption source of its own: no scenes to move
+  assert with_twins(source, config.data, 16) == (source, 0)

@@ -154,3 +154,37 @@ def test_itm_reads_the_cluster_tokens_through_longnet(enabled):
   with pytest.raises(ValueError, match="needs image_feats, text_feats and active"):
     model.apply({"params": params}, out["image_tokens"], out["text_tokens"], mask,
                 method=ClusModel.itm_logits)
+
+
+def test_itm_itc_residual_adds_the_scaled_itc_cosine_to_the_match_logit():
+  cfg = dict(vision=dict(patch_size=8, width=E, depth=1, num_heads=2, mlp_dim=32),
+             text=dict(width=E, depth=1, num_heads=2, mlp_dim=32), embed_dim=8, dropout=0.0,
+             temperature_init=0.05, fusion="co_attention", fusion_depth=1)
+  models = [ClusModel(ml_collections.FrozenConfigDict(dict(cfg, itm_itc_residual=flag)),
+                      vocab_size=128, max_text_len=LT, num_prototypes=10)
+            for flag in (False, True)]
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (B, 16, 16, 3)).astype(np.uint8)
+  ids = rng.integers(4, 100, (B, LT)).astype(np.int32)
+  mask = np.ones((B, LT), bool)
+  params = nn.unbox(models[1].init(jax.random.key(0), images, ids, mask)["params"])
+  assert params["itm_itc_scale"] == pytest.approx(1 / 0.05)   # 1 / the ITC temperature
+  params = randomize(params)
+  plain = {k: v for k, v in params.items() if k != "itm_itc_scale"}
+  out = models[1].apply({"params": params}, images, ids, mask)
+  # Every image with every text: the match logit moves by scale x cosine, no-match not at all.
+  img_i, txt_i = np.repeat(np.arange(B), B), np.tile(np.arange(B), B)
+  args = (out["image_tokens"][img_i], out["text_tokens"][txt_i], mask[txt_i],
+          out["image_feats"][img_i], out["text_feats"][txt_i])
+  base = models[0].apply({"params": plain}, *args, method=ClusModel.itm_logits)
+  got = models[1].apply({"params": {**plain, "itm_itc_scale": jnp.float32(7.0)}}, *args,
+                        method=ClusModel.itm_logits)
+  cosine = np.sum(np.asarray(args[3]) * np.asarray(args[4]), axis=-1)
+  np.testing.assert_allclose(got[:, 0], base[:, 0], atol=1e-5)
+  np.testing.assert_allclose(got[:, 1], base[:, 1] + 7.0 * cosine, atol=1e-4)
+  # No gradient reaches the features through the cosine.
+  grad = jax.grad(lambda f: models[1].apply({"params": params}, *args[:3], f, args[4],
+                                            method=ClusModel.itm_logits)[:, 1].sum())(args[3])
+  np.testing.assert_allclose(grad, 0.0)
+  with pytest.raises(ValueError, match="itm_itc_residual needs image_feats and text_feats"):
+    models[1].apply({"params": params}, *args[:3], method=ClusModel.itm_logits)

@@ -17,7 +17,8 @@ from tests.conftest import micro_config
 # ITC only, so that the runs are small and the ITC term is the whole loss.
 ITC_ONLY = dict(loss__itm_weight=0.0, loss__mlm_weight=0.0, loss__swap_prediction=False,
                 loss__prompt_weight=0.0, loss__noun_code_weight=0.0,
-                loss__noun_code_text_weight=0.0, train__num_steps=3)
+                loss__noun_code_text_weight=0.0, loss__unimodal__image_weight=0.0,
+                loss__unimodal__text_weight=0.0, train__num_steps=3)
 
 
 def _losses(workdir):

@@ -114,6 +114,7 @@ def test_itc_kind_is_the_term_the_step_trains(data, kind):
   for key in ("itm_weight", "mlm_weight", "swap_weight", "prompt_weight", "noun_code_weight",
               "noun_code_text_weight"):
     config.loss[key] = 0.0
+  config.loss.unimodal.update(image_weight=0.0, text_weight=0.0)
   validate(config)
   batch = {k: batch[k] for k in dummy_batch(config, 1)}   # the fields an ITC-only step takes
   mesh = create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
