@@ -266,11 +266,12 @@ def _loss_and_grads(config, tokenizer, batch, mesh, accum):
 def test_grad_accumulation_keeps_the_batch_terms_whole(data, devices):
   """4 microbatches give the whole batch's ITC (with its hard negative captions)
   + swap prediction (+ noun code) loss and gradients: their features see every
-  negative and Sinkhorn the whole batch. ITM and MLM (per microbatch) are off,
-  and there is no dropout."""
+  negative and Sinkhorn the whole batch. ITM, MLM and the uni-modal views (per
+  microbatch) are off, and there is no dropout."""
   config, tokenizer, batch = data
   config = config.copy_and_resolve_references()
   config.loss.itm_weight = config.loss.mlm_weight = config.loss.prompt_weight = 0.0
+  config.loss.unimodal.update(image_weight=0.0, text_weight=0.0)
   config.loss.noun_code_text_weight = 0.5
   batch = {k: batch[k] for k in dummy_batch(config, 1)}
   mesh = (create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]) if devices == 1
