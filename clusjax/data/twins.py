@@ -109,7 +109,7 @@ def with_twins(source, data_config, batch_size):
   """(`TwinSource` of the training `source`, pairs per batch) for `config.data`'s
   shapes_twins, the fraction of a batch's rows in pairs; (`source`, 0) when off or
   when the data is not the built-in shapes (which alone has scenes to move)."""
-  pairs = int(round(data_config.get("shapes_twins", 0.0) * batch_size / 2))
+  pairs = int(data_config.get("shapes_twins", 0.0) * batch_size) // 2   # <= batch_size / 2
   if not pairs or data_config.name != "shapes":
     return source, 0
   backgrounds = data_config.get("shapes_backgrounds", shapes.DEFAULT_BACKGROUNDS)

@@ -135,5 +135,8 @@ def test_twins_need_the_v2_renderer_and_only_the_built_in_shapes_get_them(tmp_pa
   validate(config)
   source = ExampleSource(4)
   assert with_twins(source, config.data, 16)[1] == 4
+  config.data.shapes_twins = 1.0   # an odd batch: 31 pairs and one example alone
+  assert with_twins(source, config.data, 63)[1] == 31
+  assert len(TwinBatches(lambda step: np.arange(63 - 31), 100, 31)(0)) == 63
   config.data.update(name="jsonl")   # a caption source of its own: no scenes to move
   assert with_twins(source, config.data, 16) == (source, 0)
