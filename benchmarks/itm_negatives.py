@@ -18,7 +18,12 @@ R@1 has a ceiling below 1), and the cosine between each caption's text features 
 those of the caption with one place word swapped (left <-> right, top <-> bottom):
 near 1, the text tower does not read where a shape is.
 
+Last, re-ranked R@1 both ways for each weight of the ITM log-odds in the itm+itc
+score (config.eval.rerank_itm_weight): pick the weight on the validation split
+(--split=val), report the test split.
+
     python benchmarks/itm_negatives.py --workdir=workdirs/tiny [--k=16] [--num_examples=1000]
+        [--split=test] [--itm_weights=0.25,0.5,1,2]
 """
 import argparse
 import collections
@@ -29,7 +34,8 @@ import clusjax
 from clusjax.data import make_source
 from clusjax.data.negatives import swap_word
 from clusjax.data.shapes import scene_key
-from clusjax.eval.retrieval import RERANK_SCORES, load_eval_pairs, negative_type, rerank_pair_scores
+from clusjax.eval.retrieval import (RERANK_SCORES, load_eval_pairs, negative_type, recall_at_k,
+                                    rerank_pair_scores, rerank_scores)
 
 
 def main():
@@ -37,10 +43,15 @@ def main():
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--k", type=int, default=16)
   parser.add_argument("--num_examples", type=int, default=1000)
+  parser.add_argument("--split", default="test", help="the built-in split: test | val")
+  parser.add_argument("--itm_weights", default="0.25,0.5,1,2",
+                      help="weights of the ITM log-odds in the itm+itc score to sweep")
   args = parser.parse_args()
 
   model = clusjax.load_pretrained(args.workdir)
   config = model.config
+  config.data.eval_split = args.split
+  weights = [float(w) for w in args.itm_weights.split(",") if w]
   if config.data.name != "shapes" or config.data.get("captions_per_image", 1) != 1:
     raise SystemExit("itm_negatives: needs the built-in shapes with one caption per image "
                      f"(got data.name={config.data.name!r}).")
@@ -85,8 +96,9 @@ def main():
                                     text_mask[index[:, 1]], image_feats[index[:, 0]],
                                     text_feats[index[:, 1]]), np.float64)
   log_odds = dict(zip(map(tuple, index), itm[:, 1] - itm[:, 0]))
+  itm_weight = config.eval.get("rerank_itm_weight", 1.0)
   scores = {name: rerank_pair_scores(name, sim[index[:, 0], index[:, 1]], itm[:, 1] - itm[:, 0],
-                                     model.logit_scale) for name in RERANK_SCORES}
+                                     model.logit_scale, itm_weight) for name in RERANK_SCORES}
   scores = {name: dict(zip(map(tuple, index), v)) for name, v in scores.items()}
 
   for direction in ("i2t", "t2i"):
@@ -118,6 +130,17 @@ def main():
           f"{st[key] / st['count']:.3f}" for key in ["itc", "itm_pair", "itm_neg",
                                                       *RERANK_SCORES]]
       print(" | ".join(f"{v:>12}" for v in row))
+
+  itc = recall_at_k(sim)
+  print(f"\n{args.split}: ITC R@1 {itc['i2t_r1']:.3f} / {itc['t2i_r1']:.3f}; re-ranked (itm+itc, "
+        f"top-{k}) by the weight of the ITM log-odds (this run's: {itm_weight}):")
+  for w in weights:
+    def pair_scores(i, j, w=w):
+      return np.array([w * log_odds[(a, b)] + model.logit_scale * sim[a, b]
+                       for a, b in zip(i, j)])
+    i2t, t2i = rerank_scores(sim, k, pair_scores)
+    r = recall_at_k(i2t, t2i_similarity=t2i)
+    print(f"  {w:>5g}: {r['i2t_r1']:.3f} / {r['t2i_r1']:.3f}")
 
 
 if __name__ == "__main__":

@@ -148,6 +148,7 @@ RULES = (
       for key in ("width", "depth", "num_heads", "mlp_dim")),
     ("model.vision.patch_size", INT, POSITIVE),
     ("model.itm_itc_residual", BOOL, None, has("model.itm_itc_residual")),
+    ("model.itm_head_product", BOOL, None, has("model.itm_head_product")),
     ("model.vision.stem", STR, OneOf(VISION_STEMS), has("model.vision.stem")),
     ("model.vision.stem_max_cls", BOOL, None, has("model.vision.stem_max_cls")),
     ("model.vision.stem_width", INT, NON_NEGATIVE, has("model.vision.stem_width")),
@@ -172,6 +173,7 @@ RULES = (
     ("loss.noun_code_text_weight", FLOAT, NON_NEGATIVE, has("loss.noun_code_text_weight")),
     ("loss.swap_prediction", BOOL),
     ("loss.itm_caption_negatives", BOOL, None, has("loss.itm_caption_negatives")),
+    ("loss.itm_uniform_negatives", FLOAT, UNIT, has("loss.itm_uniform_negatives")),
     ("loss.mlm_probability", FLOAT, Range(0, 1, low_open=True)),
     ("loss.itc.kind", STR, OneOf(ITC_KINDS)),
     ("loss.itc.label_smoothing", FLOAT, Range(0, 1, low_open=True), its("loss.itc.kind",
@@ -239,6 +241,7 @@ RULES = (
     ("eval.num_examples", INT, POSITIVE),
     ("eval.rerank_k", INT, NON_NEGATIVE),
     ("eval.rerank_score", STR, OneOf(RERANK_SCORES), has("eval.rerank_score")),
+    ("eval.rerank_itm_weight", FLOAT, NON_NEGATIVE, has("eval.rerank_itm_weight")),
     ("eval.transfer_examples", INT, POSITIVE, has("eval.transfer_examples")),
     ("eval.evaluators", STRS),                # check_task: known, and of config.task
 )

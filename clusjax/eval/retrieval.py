@@ -73,19 +73,20 @@ def mean_top1_probability(similarity, logit_scale):
 
 
 # What a re-ranked candidate is scored by (config.eval.rerank_score): itm = the ITM
-# log-odds of a match (ALBEF); itm+itc = those plus the ITC logit (cosine x the
-# learned logit scale): the two heads as a product of experts, as BLIP adds its ITM
-# score to the ITC similarity. benchmarks/itm_negatives.py compares them per negative type.
+# log-odds of a match (ALBEF); itm+itc = those (times config.eval.rerank_itm_weight)
+# plus the ITC logit (cosine x the learned logit scale): the two heads as a product of
+# experts, as BLIP adds its ITM score to the ITC similarity.
+# benchmarks/itm_negatives.py compares them per negative type and sweeps the weight.
 RERANK_SCORES = ("itm", "itm+itc")
 
 
-def rerank_pair_scores(name, itc_similarity, itm_log_odds, logit_scale):
+def rerank_pair_scores(name, itc_similarity, itm_log_odds, logit_scale, itm_weight=1.0):
   """The re-ranking score `name` (RERANK_SCORES) of pairs: cosines [P], log-odds [P] -> [P]."""
   if name == "itm":
     return np.asarray(itm_log_odds, np.float64)
   if name == "itm+itc":
-    return np.asarray(itm_log_odds, np.float64) + logit_scale * np.asarray(itc_similarity,
-                                                                           np.float64)
+    return itm_weight * np.asarray(itm_log_odds, np.float64) + logit_scale * np.asarray(
+        itc_similarity, np.float64)
   raise ValueError(f"re-ranking score {name!r} is unknown; use one of {RERANK_SCORES}")
 
 
@@ -202,7 +203,8 @@ class RetrievalEvaluator:
                                     image_feats[ii], text_feats[jj])
           out.append(logits[:, 1] - logits[:, 0])   # log-odds of a match
         return rerank_pair_scores(self.config.eval.get("rerank_score", "itm"), sim[i, j],
-                                  np.concatenate(out), model.logit_scale)
+                                  np.concatenate(out), model.logit_scale,
+                                  self.config.eval.get("rerank_itm_weight", 1.0))
       i2t, t2i = rerank_scores(sim, k, pair_scores)
       for key, value in recall_at_k(i2t, t2i_similarity=t2i, text_image=text_image).items():
         yield f"rerank_{key}", value

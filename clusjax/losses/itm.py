@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 
 
-def sample_hard_negatives(rng, similarity):
+def sample_hard_negatives(rng, similarity, uniform_fraction=0.0):
   """One hard negative text per image and one hard negative image per text.
 
   Negatives are drawn from the *global* batch with probability
@@ -12,9 +12,16 @@ def sample_hard_negatives(rng, similarity):
   likely it is picked. With `similarity` sharded over its rows, the softmax
   runs over the full (global) row, so negatives come from every data shard.
 
+  With `uniform_fraction` u > 0 each negative is drawn from the mixture
+  (1 - u) softmax + u uniform (over the other examples): while ITC still
+  confuses a pair that only a detail tells apart (a place twin), its hard
+  negatives are nearly all such pairs, and ITM, which cannot tell them apart
+  either yet, learns nothing; the uniform share gives it the easy ones first.
+
   Args:
     rng: PRNG key.
     similarity: [B, B] image-by-text ITC logits (a gradient is not taken).
+    uniform_fraction: u in [0, 1].
   Returns:
     (negative text index per image [B], negative image index per text [B]), int32.
   """
@@ -22,10 +29,21 @@ def sample_hard_negatives(rng, similarity):
   b = sim.shape[0]
   if b < 2:
     raise ValueError(f"hard negatives need a batch of at least 2; got {b}.")
+  if not 0.0 <= uniform_fraction <= 1.0:
+    raise ValueError(f"uniform_fraction={uniform_fraction} must be in [0, 1].")
   eye = jnp.eye(b, dtype=bool)
+
+  def log_probs(rows):
+    logits = jnp.where(eye, -jnp.inf, rows)
+    if not uniform_fraction:
+      return logits
+    p = ((1.0 - uniform_fraction) * jax.nn.softmax(logits, axis=1)
+         + uniform_fraction * jnp.where(eye, 0.0, 1.0 / (b - 1)))
+    return jnp.where(eye, -jnp.inf, jnp.log(p))
+
   rng_text, rng_image = jax.random.split(rng)
-  neg_text = jax.random.categorical(rng_text, jnp.where(eye, -jnp.inf, sim), axis=1)
-  neg_image = jax.random.categorical(rng_image, jnp.where(eye, -jnp.inf, sim.T), axis=1)
+  neg_text = jax.random.categorical(rng_text, log_probs(sim), axis=1)
+  neg_image = jax.random.categorical(rng_image, log_probs(sim.T), axis=1)
   return neg_text.astype(jnp.int32), neg_image.astype(jnp.int32)
 
 

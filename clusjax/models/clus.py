@@ -107,7 +107,8 @@ class ClusModel(nn.Module):
           dilation_rates=tuple(ln.dilation_rates), dense=not ln.enabled,
           implementation=ln.implementation, dropout=cfg.dropout, dtype=self.dtype,
           remat=self.remat, name="longnet")
-    # ITM: match / no-match from the two fused CLS tokens (and the LongNet pool), concatenated.
+    # ITM: match / no-match from the two fused CLS tokens (with model.itm_head_product also
+    # their product, and the LongNet pool), concatenated.
     # Both heads give float32 logits (the softmax's input is never rounded to bf16).
     self.itm_head = dense(2, ("embed", None), dtype=self.dtype, float32_output=True,
                           name="itm_head")
@@ -161,6 +162,8 @@ class ClusModel(nn.Module):
     """
     img, txt = self.fusion(image_tokens, text_tokens, text_mask, deterministic, outputs="cls")
     parts = [img[:, 0], txt[:, 0]]
+    if self.config.get("itm_head_product", False):
+      parts.append(self._cls_product(img[:, 0], txt[:, 0], "model.itm_head_product"))
     if self.cluster_encoder is not None:
       if image_feats is None or text_feats is None or active is None:
         raise ValueError("itm_logits with LongNet needs image_feats, text_feats and active.")
@@ -176,6 +179,18 @@ class ClusModel(nn.Module):
                                              text_feats.astype(jnp.float32)), axis=-1)
       logits = logits.at[:, 1].add(self.itm_itc_scale * cosine)
     return logits
+
+  @staticmethod
+  def _cls_product(image_cls, text_cls, key):
+    """image CLS * text CLS [B, W]: a bilinear term for a head on the fused CLS. Whether
+    a word and the image agree is a product of the two streams, which a head on their
+    concatenation (ITM's is linear; a task head's one hidden layer) learns slowly or
+    not at all (VQA heads since Antol et al. 2015 multiply them)."""
+    if image_cls.shape[-1] != text_cls.shape[-1]:
+      raise ValueError(f"config.{key}=True needs fused streams of one width "
+                       f"(config.model.vision.width = config.model.text.width); the image "
+                       f"stream has {image_cls.shape[-1]}, the text stream {text_cls.shape[-1]}.")
+    return image_cls * text_cls
 
   def mlm_logits(self, image_tokens, ids, mask, deterministic=True):
     """Encodes (masked) ids, fuses them with the images -> logits [B, L, V] float32."""
@@ -228,14 +243,7 @@ class ClusModel(nn.Module):
       img, txt = self.fusion(tokens, text_tokens, text_mask, deterministic, outputs="cls")
       parts = [img[:, 0], txt[:, 0]]
       if self.head_product:
-        if img.shape[-1] != txt.shape[-1]:
-          raise ValueError(f"config.finetune.head_product=True needs fused streams of one "
-                           f"width (config.model.vision.width = config.model.text.width); the "
-                           f"image stream has {img.shape[-1]}, the text stream {txt.shape[-1]}.")
-        # A bilinear term for the head: whether the question's word and the image agree
-        # is a product of the two streams, which a one-hidden-layer MLP on their
-        # concatenation learns slowly (VQA heads since Antol et al. 2015 multiply them).
-        parts.append(img[:, 0] * txt[:, 0])
+        parts.append(self._cls_product(img[:, 0], txt[:, 0], "finetune.head_product"))
       return jnp.concatenate(parts, axis=-1)
     if image2_tokens is None:
       return fused(image_tokens)

@@ -225,7 +225,8 @@ def micro_terms(model, params, out, batch, rngs, config, text_ids, active, weigh
 
   if "itm" in weights:
     logits = itc_logits(out["image_feats"], out["text_feats"], out["temperature"])
-    neg_text, neg_image = sample_hard_negatives(rngs["negatives"], logits)
+    neg_text, neg_image = sample_hard_negatives(
+        rngs["negatives"], logits, config.loss.get("itm_uniform_negatives", 0.0))
     # Each pair carries its tokens (fusion) and ITC features (LongNet's cluster tokens).
     (image_tokens, image_feats), (text_tokens, text_mask, text_feats), labels = itm_pairs(
         (out["image_tokens"], out["image_feats"]), (out["text_tokens"], mask, out["text_feats"]),

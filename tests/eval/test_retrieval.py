@@ -213,5 +213,7 @@ def test_rerank_pair_scores():
   cos, odds = np.array([0.5, 0.1]), np.array([-1.0, 2.0])
   np.testing.assert_allclose(rerank_pair_scores("itm", cos, odds, 10.0), odds)
   np.testing.assert_allclose(rerank_pair_scores("itm+itc", cos, odds, 10.0), [4.0, 3.0])
+  np.testing.assert_allclose(rerank_pair_scores("itm+itc", cos, odds, 10.0, itm_weight=0.5),
+                             [4.5, 2.0])
   with pytest.raises(ValueError, match="'itc'"):
     rerank_pair_scores("itc", cos, odds, 10.0)

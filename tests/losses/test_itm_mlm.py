@@ -23,6 +23,29 @@ def test_hard_negatives_follow_softmax_and_skip_the_positive():
       np.testing.assert_allclose(freq, p, atol=0.015)
 
 
+@pytest.mark.parametrize("u", [0.3, 1.0])
+def test_uniform_fraction_mixes_uniform_negatives_into_the_softmax(u):
+  """loss.itm_uniform_negatives: each negative from (1 - u) softmax + u uniform over
+  the other examples; with one pair far above the rest the softmax alone always
+  picks it, the mixture picks each other example u / (b - 1) of the time."""
+  b = 5
+  sim = np.zeros((b, b), np.float32)
+  partner = (np.arange(b) + 1) % b
+  sim[np.arange(b), partner] = 40.0
+  draws = jax.jit(jax.vmap(lambda r: sample_hard_negatives(r, sim, u)))(
+      jax.random.split(jax.random.key(2), 20_000))
+  for idx, part in ((np.asarray(draws[0]), partner), (np.asarray(draws[1]), np.argsort(partner))):
+    assert not np.any(idx == np.arange(b)[None, :])
+    for i in range(b):
+      freq = np.bincount(idx[:, i], minlength=b) / len(idx)
+      want = np.full(b, u / (b - 1))
+      want[i] = 0.0
+      want[part[i]] += 1.0 - u
+      np.testing.assert_allclose(freq, want, atol=0.015)
+  with pytest.raises(ValueError, match="uniform_fraction=1.5 must be in"):
+    sample_hard_negatives(jax.random.key(0), sim, 1.5)
+
+
 def test_hard_negatives_come_from_other_shards():
   """With the batch on 8 devices, each example's only likely negative lives on
   another device: sampling over the global batch must find it."""

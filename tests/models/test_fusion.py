@@ -156,17 +156,24 @@ def test_itm_reads_the_cluster_tokens_through_longnet(enabled):
                 method=ClusModel.itm_logits)
 
 
-def test_itm_itc_residual_adds_the_scaled_itc_cosine_to_the_match_logit():
-  cfg = dict(vision=dict(patch_size=8, width=E, depth=1, num_heads=2, mlp_dim=32),
-             text=dict(width=E, depth=1, num_heads=2, mlp_dim=32), embed_dim=8, dropout=0.0,
-             temperature_init=0.05, fusion="co_attention", fusion_depth=1)
-  models = [ClusModel(ml_collections.FrozenConfigDict(dict(cfg, itm_itc_residual=flag)),
+ITM_CONFIG = dict(vision=dict(patch_size=8, width=E, depth=1, num_heads=2, mlp_dim=32),
+                  text=dict(width=E, depth=1, num_heads=2, mlp_dim=32), embed_dim=8,
+                  dropout=0.0, temperature_init=0.05, fusion="co_attention", fusion_depth=1)
+
+
+def _itm_models(key):
+  """(the model without and with config key `key`, images, ids, mask)."""
+  models = [ClusModel(ml_collections.FrozenConfigDict(dict(ITM_CONFIG, **{key: flag})),
                       vocab_size=128, max_text_len=LT, num_prototypes=10)
             for flag in (False, True)]
   rng = np.random.default_rng(0)
   images = rng.integers(0, 255, (B, 16, 16, 3)).astype(np.uint8)
   ids = rng.integers(4, 100, (B, LT)).astype(np.int32)
-  mask = np.ones((B, LT), bool)
+  return models, images, ids, np.ones((B, LT), bool)
+
+
+def test_itm_itc_residual_adds_the_scaled_itc_cosine_to_the_match_logit():
+  models, images, ids, mask = _itm_models("itm_itc_residual")
   params = nn.unbox(models[1].init(jax.random.key(0), images, ids, mask)["params"])
   assert params["itm_itc_scale"] == pytest.approx(1 / 0.05)   # 1 / the ITC temperature
   params = randomize(params)
@@ -188,3 +195,27 @@ def test_itm_itc_residual_adds_the_scaled_itc_cosine_to_the_match_logit():
   np.testing.assert_allclose(grad, 0.0)
   with pytest.raises(ValueError, match="itm_itc_residual needs image_feats and text_feats"):
     models[1].apply({"params": params}, *args[:3], method=ClusModel.itm_logits)
+
+
+def test_itm_head_product_reads_the_product_of_the_fused_cls():
+  """model.itm_head_product: ITM's (linear) head reads [image CLS, text CLS, their
+  product]; its kernel's last E rows weigh the product, and with them zero the
+  logits are the plain head's."""
+  models, images, ids, mask = _itm_models("itm_head_product")
+  params = randomize(nn.unbox(models[1].init(jax.random.key(0), images, ids, mask)["params"]))
+  kernel = np.asarray(params["itm_head"]["kernel"])
+  assert kernel.shape == (3 * E, 2)
+  out = models[1].apply({"params": params}, images, ids, mask)
+  args = (out["image_tokens"], out["text_tokens"], mask)
+  img, txt = models[1].apply({"params": params}, *args, outputs="cls",
+                             method=lambda m, *a, **k: m.fusion(*a, **k))
+  product = np.asarray(img[:, 0] * txt[:, 0])
+  plain = {**params, "itm_head": {**params["itm_head"], "kernel": kernel[:2 * E]}}
+  base = models[0].apply({"params": plain}, *args, method=ClusModel.itm_logits)
+  got = models[1].apply({"params": params}, *args, method=ClusModel.itm_logits)
+  np.testing.assert_allclose(got, np.asarray(base) + product @ kernel[2 * E:], atol=1e-4)
+  assert np.abs(product @ kernel[2 * E:]).max() > 1e-3     # the product term is not nil
+  wide = dict(ITM_CONFIG, itm_head_product=True, text=dict(ITM_CONFIG["text"], width=2 * E))
+  with pytest.raises(ValueError, match="itm_head_product=True needs fused streams of one width"):
+    ClusModel(ml_collections.FrozenConfigDict(wide), vocab_size=128, max_text_len=LT,
+              num_prototypes=10).init(jax.random.key(0), images, ids, mask)
