@@ -234,6 +234,15 @@ def test_check_init_from_names_the_differing_key(tmp_path):
   c.model.text.depth = 2
   with pytest.raises(ConfigError, match=re.escape("config.model.text.depth=2 but config.init_from")):
     check_init_from(c)
+  c.model.text.depth = pre.model.text.depth
+  # A workdir from before model.itm_head_product (no such key) was trained without it.
+  del pre.model["itm_head_product"]
+  wd.save_config(pre, str(tmp_path))
+  with pytest.raises(ConfigError, match=re.escape(
+      "config.model.itm_head_product=True but config.init_from")):
+    check_init_from(c)
+  c.model.itm_head_product = False
+  check_init_from(c)
   c.init_from = str(tmp_path / "nothing")
   with pytest.raises(ConfigError, match="not a trained clusjax workdir"):
     check_init_from(c)
