@@ -25,9 +25,12 @@ def test_remat_gives_the_loss_and_gradients_without_remat(tmp_path):
     for key in ref_terms:
       np.testing.assert_allclose(terms[key], ref_terms[key], rtol=1e-5, atol=1e-6,
                                  err_msg=f"{remat}: {key}")
+    # float32 recomputation reorders sums: its error scales with the tensor's largest
+    # entry (ViT cls_token gradients reach ~60), so atol does too.
     jax.tree_util.tree_map_with_path(
         lambda path, a, b: np.testing.assert_allclose(
-            a, b, rtol=1e-5, atol=1e-6, err_msg=f"{remat}: {jax.tree_util.keystr(path)}"),
+            a, b, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(b).max())),
+            err_msg=f"{remat}: {jax.tree_util.keystr(path)}"),
         grads, ref_grads)
 
 
