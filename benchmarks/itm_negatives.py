@@ -136,8 +136,8 @@ def main():
         f"top-{k}) by the weight of the ITM log-odds (this run's: {itm_weight}):")
   for w in weights:
     def pair_scores(i, j, w=w):
-      return np.array([w * log_odds[(a, b)] + model.logit_scale * sim[a, b]
-                       for a, b in zip(i, j)])
+      odds = np.array([log_odds[(a, b)] for a, b in zip(i, j)])
+      return rerank_pair_scores("itm+itc", sim[i, j], odds, model.logit_scale, w)
     i2t, t2i = rerank_scores(sim, k, pair_scores)
     r = recall_at_k(i2t, t2i_similarity=t2i)
     print(f"  {w:>5g}: {r['i2t_r1']:.3f} / {r['t2i_r1']:.3f}")
