@@ -37,8 +37,10 @@ def task_config(task, arg):
   # version 3's) without place twins.
   c.data.shapes_version = 2
   c.data.shapes_twins = 0.0
-  # ITM (retrieval fine-tunes) on ALBEF's hard negatives, as their figures were measured.
+  # ITM (retrieval fine-tunes) on ALBEF's hard negatives and re-ranking by ITM log-odds
+  # + ITC logit at weight 1, as their figures were measured.
   c.loss.itm_uniform_negatives = 0.0
+  c.eval.rerank_itm_weight = 1.0
   c.clustering.enabled = False
   c.clustering.plots = False
   # Paper Table 1: AdamW betas (0.9, 0.995); cosine decay to 0.
