@@ -267,22 +267,36 @@ class Stage:
 
 def train_stages(config):
   """config.train.stages -> [Stage] (one random stage when empty); raises
-  ConfigError naming the bad entry."""
+  ConfigError naming the bad entry. A stage gives its length as `steps` (an int)
+  or as `fraction` of config.train.num_steps (rounded; the last such stage takes
+  what rounding leaves), so a config's stages follow a --config.train.num_steps
+  override."""
   train_config = config.train
-  specs = train_config.get("stages", ()) or ({"steps": train_config.num_steps},)
+  num_steps = train_config.num_steps
+  specs = train_config.get("stages", ()) or ({"steps": num_steps},)
   if not isinstance(specs, (tuple, list)):
     raise ConfigError(f"config.train.stages={specs!r} must be a tuple of dicts.")
-  stages, start = [], 0
+  parsed, lengths = [], []
   for i, spec in enumerate(specs):
     where = f"config.train.stages[{i}]"
     if not hasattr(spec, "get"):
-      raise ConfigError(f"{where}={spec!r} must be a dict (steps, sampler, mix, loss).")
-    unknown = set(spec) - {"steps", "sampler", "mix", "loss"}
+      raise ConfigError(f"{where}={spec!r} must be a dict (steps or fraction, sampler, mix, "
+                        "loss).")
+    unknown = set(spec) - {"steps", "fraction", "sampler", "mix", "loss"}
     if unknown:
       raise ConfigError(f"{where} has unknown key(s) {sorted(unknown)}; "
-                        "known: steps, sampler, mix, loss.")
-    steps, sampler, mix = spec.get("steps"), spec.get("sampler", "random"), spec.get("mix", 0.5)
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+                        "known: steps, fraction, sampler, mix, loss.")
+    steps, fraction = spec.get("steps"), spec.get("fraction")
+    sampler, mix = spec.get("sampler", "random"), spec.get("mix", 0.5)
+    if (steps is None) == (fraction is None):
+      raise ConfigError(f"{where} must give one of steps (an int) or fraction (of "
+                        f"config.train.num_steps); it gives {dict(spec)!r}.")
+    if fraction is not None:
+      if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not (
+          0 < fraction <= 1):
+        raise ConfigError(f"{where}.fraction={fraction!r} must be a number in (0, 1].")
+      steps = round(fraction * num_steps)
+    elif not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
       raise ConfigError(f"{where}.steps={steps!r} must be an int >= 1.")
     if sampler not in SAMPLERS:
       raise ConfigError(f"{where}.sampler={sampler!r} must be one of {SAMPLERS}.")
@@ -295,11 +309,23 @@ def train_stages(config):
                           f"{', '.join(STAGE_LOSS_KEYS)}.")
       if not isinstance(weight, (int, float)) or weight < 0:
         raise ConfigError(f"{where}.loss[{key!r}]={weight!r} must be a number >= 0.")
-    stages.append(Stage(i, start, start + steps, sampler, float(mix), tuple(sorted(loss.items()))))
+    parsed.append((sampler, float(mix), tuple(sorted(loss.items())), fraction is not None))
+    lengths.append(steps)
+  exact = sum(spec.get("fraction", 0) * num_steps + spec.get("steps", 0) for spec in specs)
+  if abs(exact - num_steps) > 1e-6 * num_steps:
+    raise ConfigError(f"config.train.stages have {exact:g} steps in all; "
+                      f"config.train.num_steps={num_steps}: make them equal.")
+  by_fraction = [i for i, p in enumerate(parsed) if p[3]]
+  if by_fraction:   # what rounding the fractions left over goes to the last of them
+    lengths[by_fraction[-1]] += num_steps - sum(lengths)
+  stages, start = [], 0
+  for i, ((sampler, mix, loss, _), steps) in enumerate(zip(parsed, lengths)):
+    if steps < 1:
+      raise ConfigError(f"config.train.stages[{i}] has {steps} steps at "
+                        f"config.train.num_steps={num_steps}: too few steps for its fraction (more "
+                        "steps, or config.train.stages=() for one random stage).")
+    stages.append(Stage(i, start, start + steps, sampler, mix, loss))
     start += steps
-  if start != train_config.num_steps:
-    raise ConfigError(f"config.train.stages have {start} steps in all; "
-                      f"config.train.num_steps={train_config.num_steps}: make them equal.")
   return stages
 
 

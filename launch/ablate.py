@@ -40,12 +40,6 @@ _NO_LABELS = {f"loss.{key}": 0.0 for key in LABEL_LOSS_KEYS}
 _NO_LABELS.update({"loss.unimodal.image_weight": 0.0, "loss.unimodal.text_weight": 0.0})
 
 
-def _clustered_stages(config):
-  half = config.train.num_steps // 2
-  return ({"steps": half},
-          {"steps": config.train.num_steps - half, "sampler": "clustered", "mix": 0.5})
-
-
 ROWS = {
     "itc": {"loss.itm_weight": 0.0, "loss.mlm_weight": 0.0, "loss.swap_prediction": False,
             **_NO_LABELS},                               # ITC only (CLIP / ALBEF InfoNCE)
@@ -61,7 +55,8 @@ ROWS = {
     "label_smooth": {"loss.itc.kind": "label_smooth"},   # SoftCLIP's baseline
     "unimodal": {"loss.unimodal.image_weight": 1.0,      # + image-image and text-text InfoNCE
                  "loss.unimodal.text_weight": 1.0},
-    "clustered": {"train.stages": _clustered_stages},    # 2nd half: clustered hard negatives
+    "clustered": {"train.stages": ({"fraction": 0.5},   # 2nd half: clustered hard negatives
+                                   {"fraction": 0.5, "sampler": "clustered", "mix": 0.5})},
     "siglip": {"loss.itc.kind": "siglip"},               # Zhai et al. 2023
 }
 DEFAULT_ROWS = [r for r in ROWS if r != "softclip_tags"]
@@ -85,7 +80,7 @@ def row_config(config, row, seed):
   """`config` with `row`'s overrides and `seed`."""
   c = config.copy_and_resolve_references()
   for key, value in ROWS[row].items():
-    set_key(c, key, value(c) if callable(value) else value)
+    set_key(c, key, value)
   c.seed = seed
   c.data.seed = seed
   return c

@@ -66,17 +66,37 @@ def embed_training_set(pretrained, source, num_examples):
 SPLIT_ROUNDS = 3
 
 
+def bisect(feats, max_size):
+  """Rows of `feats` [N, D] in parts of at most `max_size` (index arrays): the
+  rows cut at the median of their projection on their first principal direction,
+  each half cut again while it is larger."""
+  parts, todo = [], [np.arange(len(feats))]
+  while todo:
+    rows = todo.pop()
+    if len(rows) <= max_size:
+      parts.append(rows)
+      continue
+    x = feats[rows] - feats[rows].mean(axis=0)
+    direction = np.linalg.svd(x, full_matrices=False)[2][0]
+    order = np.argsort(x @ direction, kind="stable")
+    todo += [rows[order[len(rows) // 2:]], rows[order[:len(rows) // 2]]]
+  return parts
+
+
 def split_clusters(feats, clustering_config, max_size):
   """DBSCAN of the features (`cluster_points`), then each cluster larger than
   `max_size` clustered again on its own (its own principal plane and elbow
   eps), for up to SPLIT_ROUNDS rounds: density alone tends to leave one
-  cluster with most of the data, whose batches would be random ones.
+  cluster with most of the data, whose batches would be random ones. A cluster
+  still larger (one whose own density finds no structure) is cut in halves at the
+  median of its features along their first principal direction, and the halves
+  again, until none is larger than `max_size` (`bisect`).
 
   Returns labels int32 [N], 0..k-1 by first appearance, -1 for noise.
   """
   cc = clustering_config
   kw = dict(dim=cc.dim, min_samples=cc.min_samples or None, eps=cc.eps or None)
-  labels = np.asarray(cluster_points(feats, **kw)[0])
+  labels = np.array(cluster_points(feats, **kw)[0])
   whole = set()   # clusters whose own density finds no structure
   for _ in range(SPLIT_ROUNDS):
     ids, sizes = np.unique(labels[labels >= 0], return_counts=True)
@@ -90,6 +110,10 @@ def split_clusters(feats, clustering_config, max_size):
         whole.add(c)
         continue
       labels = np.where(member, np.where(sub >= 0, labels.max() + 1 + sub, -1), labels)
+  for c in np.unique(labels[labels >= 0]):
+    member = np.flatnonzero(labels == c)
+    for part in bisect(feats[member], max_size)[1:]:
+      labels[member[part]] = labels.max() + 1
   # Renumber 0..k-1 in order of first appearance.
   found = labels >= 0
   ids, first = np.unique(labels[found], return_index=True)

@@ -11,7 +11,7 @@ from clusjax import workdir as wd
 from clusjax.config import ConfigError, train_stages, validate
 from clusjax.data.sampler import ClusteredSampler
 from clusjax.train.loop import train
-from clusjax.train.stages import split_clusters
+from clusjax.train.stages import bisect, split_clusters
 from clusjax.train.objective import mean_negative_similarity
 from tests.conftest import micro_config
 from tests.train.test_train import _metrics
@@ -29,12 +29,57 @@ def test_stages_config_errors(shapes_data_dir):
   check(({"steps": 6, "loss": {"itc.kind": 1.0}},), r"sets 'itc.kind'; a stage sets loss weights")
   check(({"steps": 6, "epochs": 1},), r"unknown key\(s\) \['epochs'\]")
   check(({"steps": 0}, {"steps": 6}), r"stages\[0\].steps=0")
+  check(({"fraction": 0.5}, {"fraction": 0.3}), r"4.8 steps in all; config.train.num_steps=6")
+  check(({"steps": 3, "fraction": 0.5}, {"steps": 3}), r"stages\[0\] must give one of steps")
+  check(({"fraction": 1.5},), r"stages\[0\].fraction=1.5 must be a number in \(0, 1\]")
+  check(({"fraction": 0.9}, {"fraction": 0.1}), r"stages\[1\] has 0 steps at",
+        train__num_steps=2)
   config = micro_config(shapes_data_dir, train__stages=(
       {"steps": 2}, {"steps": 4, "sampler": "clustered", "loss": {"unimodal.image_weight": 1}}))
   validate(config)
   stages = train_stages(config)
   assert [(s.start, s.end, s.sampler) for s in stages] == [(0, 2, "random"), (2, 6, "clustered")]
   assert stages[1].loss == (("unimodal.image_weight", 1),) and stages[1].mix == 0.5
+
+
+def test_fraction_stages_follow_num_steps(shapes_data_dir):
+  """Stages given as fractions of num_steps (as :tiny's are) follow an override of it;
+  rounding never changes the total: the last fraction stage takes the rest."""
+  stages = ({"fraction": 220 / 340}, {"fraction": 120 / 340, "sampler": "clustered", "mix": 0.75})
+  for num_steps, ends in ((340, (220, 340)), (100, (65, 100)), (7, (5, 7)), (3, (2, 3))):
+    config = micro_config(shapes_data_dir, train__stages=stages, train__num_steps=num_steps)
+    validate(config)
+    got = train_stages(config)
+    assert tuple(s.end for s in got) == ends and got[0].start == 0, (num_steps, got)
+    assert got[1].sampler == "clustered" and got[1].mix == 0.75
+  thirds = ({"fraction": 1 / 3}, {"fraction": 1 / 3}, {"fraction": 1 / 3})
+  config = micro_config(shapes_data_dir, train__stages=thirds, train__num_steps=10)
+  assert [s.end - s.start for s in train_stages(config)] == [3, 3, 4]
+  mixed = ({"steps": 2}, {"fraction": 0.5})
+  config = micro_config(shapes_data_dir, train__stages=mixed, train__num_steps=4)
+  assert [s.end for s in train_stages(config)] == [2, 4]
+
+
+def test_a_cluster_without_structure_is_bisected_to_the_size_limit():
+  """Points with no density structure (one Gaussian blob): DBSCAN finds one cluster
+  (or noise), and the halving along the principal direction leaves parts of at most
+  max_size, each a slab of nearby points."""
+  rng = np.random.default_rng(0)
+  feats = rng.normal(size=(2000, 8)) * np.array([8, 4, 1, 1, 1, 1, 1, 1])
+  parts = bisect(feats, 300)
+  assert sorted(np.concatenate(parts).tolist()) == list(range(2000))
+  assert max(map(len, parts)) <= 300 and len(parts) == 8   # 2000 -> 1000 -> 500 -> 250
+  # The first cut is across the widest axis, at its median: 1,000 rows each side of 0.
+  low, high = sorted((feats[np.concatenate(parts[:4]), 0], feats[np.concatenate(parts[4:]), 0]),
+                     key=np.mean)
+  assert np.mean(high) - np.mean(low) > 10 and np.mean(low > 0) < 0.05 < 0.95 < np.mean(high > 0)
+  spread = np.mean([feats[p].std(axis=0).sum() for p in parts])
+  assert spread < 0.7 * feats.std(axis=0).sum()
+  cc = ml_collections.ConfigDict(dict(dim=2, min_samples=0, eps=0.0))
+  labels = split_clusters(feats, cc, max_size=300)
+  sizes = np.bincount(labels[labels >= 0])
+  assert sizes.max() <= 300 and len(sizes) >= 5, sizes
+  np.testing.assert_array_equal(labels, split_clusters(feats, cc, max_size=300))
 
 
 def test_clustered_batches_have_harder_negatives():
