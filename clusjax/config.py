@@ -311,7 +311,8 @@ def train_stages(config):
         raise ConfigError(f"{where}.loss[{key!r}]={weight!r} must be a number >= 0.")
     parsed.append((sampler, float(mix), tuple(sorted(loss.items())), fraction is not None))
     lengths.append(steps)
-  exact = sum(spec.get("fraction", 0) * num_steps + spec.get("steps", 0) for spec in specs)
+  exact = sum((spec.get("fraction") or 0) * num_steps + (spec.get("steps") or 0)
+              for spec in specs)
   if abs(exact - num_steps) > 1e-6 * num_steps:
     raise ConfigError(f"config.train.stages have {exact:g} steps in all; "
                       f"config.train.num_steps={num_steps}: make them equal.")
