@@ -276,7 +276,7 @@ def train_stages(config):
   specs = train_config.get("stages", ()) or ({"steps": num_steps},)
   if not isinstance(specs, (tuple, list)):
     raise ConfigError(f"config.train.stages={specs!r} must be a tuple of dicts.")
-  parsed, lengths = [], []
+  parsed, lengths, by_fraction, exact = [], [], [], 0.0
   for i, spec in enumerate(specs):
     where = f"config.train.stages[{i}]"
     if not hasattr(spec, "get"):
@@ -296,6 +296,7 @@ def train_stages(config):
           0 < fraction <= 1):
         raise ConfigError(f"{where}.fraction={fraction!r} must be a number in (0, 1].")
       steps = round(fraction * num_steps)
+      by_fraction.append(i)
     elif not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
       raise ConfigError(f"{where}.steps={steps!r} must be an int >= 1.")
     if sampler not in SAMPLERS:
@@ -309,18 +310,16 @@ def train_stages(config):
                           f"{', '.join(STAGE_LOSS_KEYS)}.")
       if not isinstance(weight, (int, float)) or weight < 0:
         raise ConfigError(f"{where}.loss[{key!r}]={weight!r} must be a number >= 0.")
-    parsed.append((sampler, float(mix), tuple(sorted(loss.items())), fraction is not None))
+    parsed.append((sampler, float(mix), tuple(sorted(loss.items()))))
     lengths.append(steps)
-  exact = sum((spec.get("fraction") or 0) * num_steps + (spec.get("steps") or 0)
-              for spec in specs)
+    exact += steps if fraction is None else fraction * num_steps
   if abs(exact - num_steps) > 1e-6 * num_steps:
     raise ConfigError(f"config.train.stages have {exact:g} steps in all; "
                       f"config.train.num_steps={num_steps}: make them equal.")
-  by_fraction = [i for i, p in enumerate(parsed) if p[3]]
   if by_fraction:   # what rounding the fractions left over goes to the last of them
     lengths[by_fraction[-1]] += num_steps - sum(lengths)
   stages, start = [], 0
-  for i, ((sampler, mix, loss, _), steps) in enumerate(zip(parsed, lengths)):
+  for i, ((sampler, mix, loss), steps) in enumerate(zip(parsed, lengths)):
     if steps < 1:
       raise ConfigError(f"config.train.stages[{i}] has {steps} steps at "
                         f"config.train.num_steps={num_steps}: too few steps for its fraction (more "

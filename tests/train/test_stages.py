@@ -43,7 +43,7 @@ def test_stages_config_errors(shapes_data_dir):
 
 
 def test_fraction_stages_follow_num_steps(shapes_data_dir):
-  """Stages given as fractions of num_steps (as :tiny's are) follow an override of it;
+  """Stages given as fractions of num_steps follow an override of it;
   rounding never changes the total: the last fraction stage takes the rest."""
   stages = ({"fraction": 220 / 340}, {"fraction": 120 / 340, "sampler": "clustered", "mix": 0.75})
   for num_steps, ends in ((340, (220, 340)), (100, (65, 100)), (7, (5, 7)), (3, (2, 3))):
