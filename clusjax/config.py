@@ -22,7 +22,7 @@ from clusjax.config_rules import (  # noqa: F401 (ConfigError, set_key: clusjax.
     ConfigError, Kind, OneOf, Range, check_numbers, check_rules, has, is_on, its, set_key)
 from clusjax.config_tasks import (  # noqa: F401 (re-exported: clusjax.config's API)
     DATA_SOURCES, EVALUATORS, HEAD_TASKS, INIT_FROM_KEYS, TASK_EVALUATORS, TASK_SOURCES, TASKS,
-    check_init_from, check_task, source_of_task, split_of_source, task_of)
+    check_init_from, check_task, negatives_in_itc, source_of_task, split_of_source, task_of)
 
 DTYPES = ("float32", "bfloat16")
 # config.remat: activation checkpointing of the transformer blocks: none, full (keep only
@@ -43,6 +43,18 @@ SHAPES_BACKGROUNDS = ("dark", "noise", "light")
 RERANK_SCORES = ("itm", "itm+itc")
 INTS = Kind((tuple, list), "a tuple of integers", int, "an integer")
 ANY_TUPLE = Kind((tuple, list), "a tuple")
+
+
+# `negative_groups`' value for config.data.scene_negatives (clusjax/data/negatives.py).
+SCENE_NEGATIVES = "scene"
+
+
+def negative_groups(config):
+  """What makes each training caption's hard negative: SCENE_NEGATIVES
+  (config.data.scene_negatives), word groups (config.data.caption_negatives) or ()."""
+  if config.data.get("scene_negatives", False):
+    return SCENE_NEGATIVES
+  return caption_negative_groups(config.data.get("caption_negatives", ()))
 
 
 def caption_negative_groups(groups, key="config.data.caption_negatives"):
@@ -77,6 +89,34 @@ def _mesh_size(value, config):
 
 def _negatives(value, config):
   caption_negative_groups(value)
+
+
+def _negative_share(value, config):
+  if not 0 < value <= 1:
+    return "must be in (0, 1]: the share of a batch's rows whose hard negative is used."
+  if value < 1 and config.grad_accum_steps > 1:
+    return (f"keeps the first rows' negatives, which microbatches (config.grad_accum_steps="
+            f"{config.grad_accum_steps}) would split: use 1.0 with gradient accumulation.")
+  return None
+
+
+def _itc_negatives(value, config):
+  if value or not negative_groups(config) or config.loss.get("itm_caption_negatives", False):
+    return None
+  return ("leaves the hard negative captions to ITM, but config.loss.itm_caption_negatives "
+          "is False: nothing would use them.")
+
+
+def _scene_negatives(value, config):
+  if not value:
+    return None
+  if config.data.name != "shapes":
+    return (f"makes negatives from the built-in shapes' captions; config.data.name is "
+            f"{config.data.name!r}.")
+  if config.data.caption_negatives:
+    return (f"and config.data.caption_negatives={tuple(config.data.caption_negatives)!r} both "
+            "make each caption's one negative: set one of them.")
+  return None
 
 
 # ClusModel's top-level parameter groups (tests/train/test_train.py checks the list).
@@ -143,6 +183,7 @@ RULES = (
     ("data.vocab_size", INT, POSITIVE),
     ("data.num_workers", INT, NON_NEGATIVE),
     ("data.caption_negatives", STRS, _negatives),
+    ("data.scene_negatives", BOOL, _scene_negatives, has("data.scene_negatives")),
     # Model.
     *((f"model.{tower}.{key}", INT, POSITIVE) for tower in ("vision", "text")
       for key in ("width", "depth", "num_heads", "mlp_dim")),
@@ -173,6 +214,8 @@ RULES = (
     ("loss.noun_code_text_weight", FLOAT, NON_NEGATIVE, has("loss.noun_code_text_weight")),
     ("loss.swap_prediction", BOOL),
     ("loss.itm_caption_negatives", BOOL, None, has("loss.itm_caption_negatives")),
+    ("loss.itc_caption_negatives", BOOL, _itc_negatives, has("loss.itc_caption_negatives")),
+    ("loss.caption_negative_share", FLOAT, _negative_share, has("loss.caption_negative_share")),
     ("loss.itm_uniform_negatives", FLOAT, UNIT, has("loss.itm_uniform_negatives")),
     ("loss.mlm_probability", FLOAT, Range(0, 1, low_open=True)),
     ("loss.itc.kind", STR, OneOf(ITC_KINDS)),

@@ -7,7 +7,7 @@ Imports no jax.
 import re
 
 from clusjax.config_rules import ConfigError, check_bytes
-from clusjax.config_tasks import check_distill
+from clusjax.config_tasks import check_distill, negatives_in_itc
 
 # clusjax.data.shapes.NUM_TEMPLATES (kept here: no TFDS import; a test checks they agree).
 SHAPES_CAPTION_TEMPLATES = 7
@@ -156,9 +156,10 @@ def check_prompt_labels(config):
 def check_losses(config):
   """The contrastive loss against caption negatives, SoftCLIP's beta, distillation."""
   kind = itc_kind(config.loss)
-  if kind != "infonce" and config.data.caption_negatives:
-    raise ConfigError(f"config.data.caption_negatives join the InfoNCE softmax only; they do not "
-                      f"work with config.loss.itc.kind={kind!r}: set one of them off.")
+  if kind != "infonce" and negatives_in_itc(config):
+    raise ConfigError(f"config.data.caption_negatives (or scene_negatives) join the InfoNCE "
+                      f"softmax only; they do not work with config.loss.itc.kind={kind!r}: set "
+                      "one of them off, or config.loss.itc_caption_negatives=False.")
   softclip = config.loss.itc.get("softclip")
   if kind == "softclip" and softclip.symmetric_kl and not softclip.beta:
     raise ConfigError("config.loss.itc.softclip.beta=0 with symmetric_kl=True: KL(p || t) is "

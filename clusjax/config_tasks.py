@@ -211,6 +211,13 @@ def _itc_kind(config):
   return "infonce" if itc is None else itc.kind
 
 
+def negatives_in_itc(config):
+  """Whether ITC contrasts each image with its caption's hard negative
+  (config.data.caption_negatives or scene_negatives; loss.itc_caption_negatives)."""
+  has_negatives = config.data.get("caption_negatives") or config.data.get("scene_negatives")
+  return bool(has_negatives) and config.loss.get("itc_caption_negatives", True)
+
+
 def check_distill(config):
   """config.distill.teacher: a workdir whose ITC logits this run's can learn from."""
   teacher = config.get("distill", {}).get("teacher")
@@ -219,10 +226,10 @@ def check_distill(config):
   if not os.path.isfile(wd.path(teacher, wd.CONFIG_FILE)):
     raise ConfigError(f"config.distill.teacher={teacher!r} is not a trained clusjax workdir "
                       "(no config.json in it).")
-  if _itc_kind(config) != "infonce" or config.data.caption_negatives:
+  if _itc_kind(config) != "infonce" or negatives_in_itc(config):
     raise ConfigError(f"config.distill.teacher={teacher!r} distils the InfoNCE logits [B, B]: it "
                       f"needs config.loss.itc.kind='infonce' (is {_itc_kind(config)!r}) and no "
-                      "config.data.caption_negatives.")
+                      "hard negative captions in ITC (config.data.caption_negatives, scene_negatives).")
   if config.loss.itc_weight == 0:
     raise ConfigError(f"config.distill.teacher={teacher!r} replaces the ITC term, but "
                       "config.loss.itc_weight=0.")

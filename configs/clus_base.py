@@ -104,6 +104,10 @@ def get_config(arg=None):
   # string each; every caption gets a copy with one group word swapped, which
   # ITC contrasts with its image. () = off (as in the paper).
   c.data.caption_negatives = ()
+  # Built-in shapes: each caption's hard negative is instead the caption of a nearby
+  # scene (two shapes' colour / kind / size swapped, one shape dropped, added, changed
+  # or moved; clusjax/data/negatives.py), for ITC and / or ITM as above.
+  c.data.scene_negatives = False
 
   c.model = ml_collections.ConfigDict()
   # stem: patch (ViT's linear patch projection) | conv (3x3 stride-2 convolutions
@@ -197,6 +201,12 @@ def get_config(arg=None):
   # ITM also sees each image with its caption's hard negative (data.caption_negatives:
   # one word swapped), besides the ALBEF in-batch hard negatives.
   c.loss.itm_caption_negatives = False
+  # ITC contrasts each image with its caption's hard negative too; False = ITM only
+  # (needs itm_caption_negatives).
+  c.loss.itc_caption_negatives = True
+  # The share of each batch's rows (the first) whose hard negative caption ITC and ITM
+  # use: below 1 saves the text tower's and ITM's work on the rest.
+  c.loss.caption_negative_share = 1.0
   # The share of ITM's negatives drawn uniformly from the batch instead of by ITC
   # similarity (clusjax/losses/itm.py): 0 = ALBEF's hard negatives only.
   c.loss.itm_uniform_negatives = 0.0

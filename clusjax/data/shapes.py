@@ -110,7 +110,7 @@ def _join(items):
   return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _caption(template, items, background="black"):
+def template_caption(template, items, background="black"):
   """Caption for `items` = [(desc "a small red circle", where "on the left"), ...]."""
   both = [f"{d} {w}" for d, w in items]
   if template == 0:
@@ -143,8 +143,9 @@ def caption_variants(kind, colour, size, position, image_index, num_captions,
                      "(one caption template each).")
   items = [(f"a {SIZES[s]} {COLOURS[c]} {KINDS[k]}", POSITION_PHRASES[p])
            for k, c, s, p in zip(kind, colour, size, position) if k >= 0]
-  return [_caption((image_index + j) % NUM_TEMPLATES, items[::-1] if j % 2 else items,
-                   background) for j in range(num_captions)]
+  return [template_caption((image_index + j) % NUM_TEMPLATES,
+                           items[::-1] if j % 2 else items, background)
+          for j in range(num_captions)]
 
 
 def _draw_scene(rng, n):
@@ -250,8 +251,8 @@ def make_example(split, index, image_size, seed=0, *, min_shapes=1, max_shapes=M
   described = [(f"a {SIZES[s]} {COLOURS[c]} {KINDS[k]}", POSITION_PHRASES[p])
                for k, c, s, p in zip(attrs["kind"], attrs["colour"], attrs["size"],
                                      attrs["position"])]
-  out = {"image": image, "caption": _caption(template, described, word), "num_shapes": n,
-         "background": word}
+  out = {"image": image, "caption": template_caption(template, described, word),
+         "num_shapes": n, "background": word}
   for key, values in attrs.items():
     padded = np.full((max_shapes,), -1, np.int32)
     padded[:n] = values

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from clusjax import workdir as wd
 from clusjax.api import Pretrained
 from clusjax.clustering import next_k_max, write_cluster_plots
-from clusjax.config import (ConfigError, caption_negative_groups, task_of, train_stages,
+from clusjax.config import (ConfigError, negative_groups, task_of, train_stages,
                             validate)
 from clusjax.data import make_sampled_iterator, make_source, make_train_iterator
 from clusjax.data.pipeline import skip_metrics
@@ -157,7 +157,7 @@ def stage_batches(stage, config, workdir, train_source, tokenizer, pretrained, t
       tokenizer=tokenizer, max_text_len=config.data.max_text_len,
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_workers=config.data.num_workers,
-      negative_groups=caption_negative_groups(config.data.caption_negatives),
+      negative_groups=negative_groups(config),
       prompt_labeler=labeler_from_config(c), tagger=tagger_from_config(c), targets=targets)
   # Place twins (config.data.shapes_twins): pairs of each batch's first rows.
   source, pairs = with_twins(train_source, config.data, config.train.batch_size)

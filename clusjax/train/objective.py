@@ -29,7 +29,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from clusjax.config import itc_kind
+from clusjax.config import itc_kind, negatives_in_itc
 from clusjax.data.augment import augment_images
 from clusjax.losses import (clip_temperature, infonce_from_logits, itc_logits, itm_loss, itm_pairs,
                             distillation_loss, mask_tokens, mlm_loss, noun_codes,
@@ -126,6 +126,12 @@ def _augment(rng, images, unimodal_config):
                         noise_std=u.noise_std)
 
 
+def negative_rows(config, rows):
+  """How many of a batch's `rows` (the first) have their hard negative caption encoded:
+  config.loss.caption_negative_share of them, at least one."""
+  return max(1, round(config.loss.get("caption_negative_share", 1.0) * rows))
+
+
 def tower_outputs(model, params, batch, rngs, config, weights):
   """The two towers' outputs for the batch (its images as view 1 under
   `loss.unimodal.augment_both`), and its hard negative captions' when a term uses them."""
@@ -134,12 +140,14 @@ def tower_outputs(model, params, batch, rngs, config, weights):
     images = _augment(rngs["view1"], images, config.loss.unimodal)
   out = model.apply({"params": params}, images, batch["text_ids"], batch["text_mask"],
                     deterministic=False, rngs={"dropout": rngs["towers"]})
-  wants_negatives = "itc" in weights or ("itm" in weights
-                                         and config.loss.get("itm_caption_negatives", False))
+  wants_negatives = ("itc" in weights and negatives_in_itc(config)) or (
+      "itm" in weights and config.loss.get("itm_caption_negatives", False))
   if "neg_text_ids" in batch and wants_negatives:
-    # Hard negative captions (config.data.caption_negatives), encoded once for ITC and ITM.
-    neg_tokens, neg_feats = model.apply({"params": params}, batch["neg_text_ids"],
-                                        batch["neg_text_mask"], deterministic=False,
+    # Hard negative captions (config.data.caption_negatives or scene_negatives) of the
+    # batch's first rows (loss.caption_negative_share), encoded once for ITC and ITM.
+    n = negative_rows(config, batch["neg_text_ids"].shape[0])
+    neg_tokens, neg_feats = model.apply({"params": params}, batch["neg_text_ids"][:n],
+                                        batch["neg_text_mask"][:n], deterministic=False,
                                         rngs={"dropout": rngs["captions"]},
                                         method=ClusModel.encode_text)
     out = {**out, "neg_text_tokens": neg_tokens, "neg_text_feats": neg_feats}
@@ -156,9 +164,10 @@ def batch_terms(model, params, out, batch, rngs, config, active, weights, teache
                                                             out["text_feats"]))
   if "itc" in weights:
     negative_logits = None
-    if "neg_text_feats" in out:   # hard negative captions (config.data.caption_negatives)
+    if "neg_text_feats" in out and negatives_in_itc(config):   # hard negative captions
+      n = out["neg_text_feats"].shape[0]
       negative_logits = jnp.where(
-          batch["neg_valid"][None, :],
+          batch["neg_valid"][None, :n],
           itc_logits(out["image_feats"], out["neg_text_feats"], out["temperature"]), -jnp.inf)
     if "tag_ids" in batch:   # SoftCLIP's tags: targets only, so no gradient
       _, tag_feats = model.apply(variables, batch["tag_ids"], batch["tag_mask"],
@@ -233,17 +242,19 @@ def micro_terms(model, params, out, batch, rngs, config, text_ids, active, weigh
         neg_text, neg_image)
     pair_weights = None
     if "neg_text_tokens" in out and config.loss.get("itm_caption_negatives", False):
-      # Each image with its caption's one-word swap (config.data.caption_negatives): the
-      # near misses a retrieval top-k holds, which in-batch negatives rarely are.
+      # Each image with its caption's hard negative (a one-word swap, or another scene's
+      # caption): the near misses a retrieval top-k holds, which in-batch negatives rarely are.
       neg_tokens, neg_feats = out["neg_text_tokens"], out["neg_text_feats"]
-      image_tokens = jnp.concatenate([image_tokens, out["image_tokens"]])
-      image_feats = jnp.concatenate([image_feats, out["image_feats"]])
+      n = neg_feats.shape[0]   # the batch's first rows (loss.caption_negative_share)
+      neg_valid = batch["neg_valid"][:n]
+      image_tokens = jnp.concatenate([image_tokens, out["image_tokens"][:n]])
+      image_feats = jnp.concatenate([image_feats, out["image_feats"][:n]])
       text_tokens = jnp.concatenate([text_tokens, neg_tokens])
-      text_mask = jnp.concatenate([text_mask, batch["neg_text_mask"]])
+      text_mask = jnp.concatenate([text_mask, batch["neg_text_mask"][:n]])
       text_feats = jnp.concatenate([text_feats, neg_feats])
       pair_weights = jnp.concatenate([jnp.ones_like(labels, jnp.float32),
-                                      batch["neg_valid"].astype(jnp.float32)])
-      labels = jnp.concatenate([labels, jnp.zeros_like(batch["neg_valid"], jnp.int32)])
+                                      neg_valid.astype(jnp.float32)])
+      labels = jnp.concatenate([labels, jnp.zeros_like(neg_valid, jnp.int32)])
     match_logits = model.apply(variables, image_tokens, text_tokens, text_mask, image_feats,
                                text_feats, active, deterministic=False,
                                rngs={"dropout": rngs["itm"]}, method=ClusModel.itm_logits)

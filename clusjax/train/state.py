@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clusjax.clustering import grow_prototypes
+from clusjax.config import negative_groups
 from clusjax.data.prompts import labeler_from_config, tagger_from_config
 from clusjax.parallel.mesh import logical_shardings
 
@@ -34,7 +35,7 @@ def dummy_batch(config, batch_size=1):
       image=np.zeros((batch_size, size, size, 3), np.uint8),
       text_ids=np.zeros((batch_size, length), np.int32),
       text_mask=np.ones((batch_size, length), bool))
-  if config.data.get("caption_negatives"):   # absent in workdirs older than the key
+  if negative_groups(config):
     batch.update(neg_text_ids=np.zeros((batch_size, length), np.int32),
                  neg_text_mask=np.ones((batch_size, length), bool),
                  neg_valid=np.ones((batch_size,), bool))

@@ -1,4 +1,5 @@
-"""Hard negative captions: one word swapped within its group, deterministic per example."""
+"""Hard negative captions: one word swapped within its group, or another scene's caption
+(built-in shapes); deterministic per example."""
 import re
 
 import numpy as np
@@ -7,7 +8,8 @@ import pytest
 from clusjax import data
 from clusjax.config import ConfigError, caption_negative_groups
 from clusjax.data import shapes
-from clusjax.data.negatives import negative_caption, swap_word
+from clusjax.data.negatives import (SCENE, SCENE_EDITS, negative_caption, parse_scene_caption,
+                                     swap_word)
 from tests.conftest import CaptionSource
 
 KINDS = caption_negative_groups((" ".join(shapes.KINDS),))
@@ -86,3 +88,92 @@ def test_train_batches_carry_the_negatives(tmp_path):
     assert tok.decode(batch["neg_text_ids"][i][:n]) == tok.decode(want)
     assert tok.decode(batch["neg_text_ids"][i][:n]) != tok.decode(batch["text_ids"][i][:n])
   assert not batch["neg_valid"].all()
+
+
+def _scene(items):
+  """A parsed caption's items as shapes.scene_key's scene."""
+  return shapes.scene_key({k: [it[a] for it in items] for a, k in
+                           enumerate(("size", "colour", "kind", "position"))})
+
+
+def test_scene_captions_parse_back_in_every_template_and_background():
+  rng = np.random.default_rng(0)
+  seen = set()
+  for i in range(300):
+    n = int(rng.integers(1, shapes.MAX_SHAPES + 1))
+    attrs = {k: rng.permutation(len(v))[:n] if k == "position" else rng.integers(0, len(v), n)
+             for k, v in (("kind", shapes.KINDS), ("colour", shapes.COLOURS),
+                          ("size", shapes.SIZES), ("position", shapes.POSITIONS))}
+    background = ("black", "white")[i % 2]
+    for caption in shapes.caption_variants(attrs["kind"], attrs["colour"], attrs["size"],
+                                           attrs["position"], i, 2, background):
+      template, word, items = parse_scene_caption(caption)
+      seen.add(template)
+      assert _scene(items) == shapes.scene_key(attrs)
+      assert word == background or template != shapes.NUM_TEMPLATES - 1   # only it says it
+  assert seen == set(range(shapes.NUM_TEMPLATES))
+  for caption in ("a dog on a mat", "a small red circle.", "a small red circle on the left",
+                  "a small red circle on the left and a small red circle"):
+    assert parse_scene_caption(caption) is None, caption
+
+
+def test_scene_negative_is_another_nearby_scene_worded_alike():
+  """Each edit does what it says, and the negative is never the caption's own scene."""
+  split = shapes.make_split("train", 200, 16)
+  counts = dict.fromkeys(SCENE_EDITS, 0)
+  for i, caption in enumerate(split["captions"]):
+    negative = negative_caption(caption, SCENE, 0, i)
+    template, word, items = parse_scene_caption(caption)
+    neg_template, neg_word, neg_items = parse_scene_caption(negative)
+    assert (neg_template, neg_word) == (template, word)
+    assert _scene(neg_items) != _scene(items)
+    places = {it[3] for it in items}
+    if len(neg_items) == len(items) - 1:
+      edit = "drop"
+      assert set(neg_items) < set(items)
+    elif len(neg_items) == len(items) + 1:
+      edit = "add"
+      assert set(items) < set(neg_items)
+    elif [it[3] for it in neg_items] != [it[3] for it in items]:
+      edit = "move"   # one shape elsewhere, to a free place
+      moved = [(a, b) for a, b in zip(items, neg_items) if a != b]
+      assert len(moved) == 1 and moved[0][0][:3] == moved[0][1][:3]
+      assert moved[0][1][3] not in places
+    elif sum(a != b for a, b in zip(items, neg_items)) == 1:
+      edit = "change"   # one attribute of one shape
+      (a, b), = [(a, b) for a, b in zip(items, neg_items) if a != b]
+      assert sum(x != y for x, y in zip(a, b)) == 1
+    else:
+      edit = "bind"   # the same attribute values, bound to other shapes
+      for attr in range(3):
+        assert sorted(it[attr] for it in items) == sorted(it[attr] for it in neg_items)
+    counts[edit] += 1
+  assert min(counts.values()) >= 15, counts
+  assert negative_caption("a dog on a mat", SCENE, 0, 0) is None
+  assert [negative_caption(c, SCENE, 0, i) for i, c in enumerate(split["captions"][:20])] == [
+      negative_caption(c, SCENE, 0, i) for i, c in enumerate(split["captions"][:20])]
+
+
+def test_scene_negatives_are_checked(shapes_data_dir):
+  from tests.conftest import micro_config
+  from clusjax.config import validate
+  config = micro_config(shapes_data_dir, data__scene_negatives=True,
+                        data__caption_negatives=("circle square",))
+  with pytest.raises(ConfigError, match=r"config\.data\.scene_negatives=True and "
+                     r"config\.data\.caption_negatives=\('circle square',\) both"):
+    validate(config)
+  config = micro_config(shapes_data_dir, data__scene_negatives=True,
+                        loss__itc_caption_negatives=False)
+  with pytest.raises(ConfigError, match=r"config\.loss\.itc_caption_negatives=False leaves "
+                     r".*itm_caption_negatives is False"):
+    validate(config)
+  config.loss.itm_caption_negatives = True
+  validate(config)
+  for share, message in ((0.0, "must be in \\(0, 1\\]"), (1.5, "must be in \\(0, 1\\]")):
+    config.loss.caption_negative_share = share
+    with pytest.raises(ConfigError, match=rf"config\.loss\.caption_negative_share={share} "
+                       + message):
+      validate(config)
+  config.loss.caption_negative_share, config.grad_accum_steps = 0.5, 2
+  with pytest.raises(ConfigError, match=r"caption_negative_share=0\.5 keeps the first rows'"):
+    validate(config)

@@ -43,10 +43,11 @@ def _one_step(config, tokenizer, batch, mesh):
 @pytest.fixture(scope="module")
 def data(shapes_data_dir, tmp_path_factory):
   # With hard negative captions, so that their encoding is checked on 8 devices too.
-  # ITM sees them too (loss.itm_caption_negatives): its 4B pairs on 8 devices.
+  # ITM sees them too (loss.itm_caption_negatives); those of the first 6 of 16 rows only
+  # (loss.caption_negative_share), 6 rows that the batch's 4 shards do not divide.
   config = micro_config(shapes_data_dir,
                         data__caption_negatives=("circle square triangle diamond cross",),
-                        loss__itm_caption_negatives=True)
+                        loss__itm_caption_negatives=True, loss__caption_negative_share=0.375)
   source = make_source(config.data, "train")
   captions = [source[i]["caption"] for i in range(len(source))]
   tokenizer = Tokenizer.train(captions, str(tmp_path_factory.mktemp("tok") / "t.model"),
