@@ -229,7 +229,8 @@ def check_distill(config):
   if _itc_kind(config) != "infonce" or negatives_in_itc(config):
     raise ConfigError(f"config.distill.teacher={teacher!r} distils the InfoNCE logits [B, B]: it "
                       f"needs config.loss.itc.kind='infonce' (is {_itc_kind(config)!r}) and no "
-                      "hard negative captions in ITC (config.data.caption_negatives, scene_negatives).")
+                      "hard negative captions in ITC (config.data.caption_negatives, "
+                      "scene_negatives).")
   if config.loss.itc_weight == 0:
     raise ConfigError(f"config.distill.teacher={teacher!r} replaces the ITC term, but "
                       "config.loss.itc_weight=0.")
