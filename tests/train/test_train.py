@@ -43,11 +43,10 @@ def _one_step(config, tokenizer, batch, mesh):
 @pytest.fixture(scope="module")
 def data(shapes_data_dir, tmp_path_factory):
   # With hard negative captions, so that their encoding is checked on 8 devices too.
-  # ITM sees them too (loss.itm_caption_negatives); those of the first 6 of 16 rows only
-  # (loss.caption_negative_share), 6 rows that the batch's 4 shards do not divide.
+  # ITM sees them too (loss.itm_caption_negatives): its 4B pairs on 8 devices.
   config = micro_config(shapes_data_dir,
                         data__caption_negatives=("circle square triangle diamond cross",),
-                        loss__itm_caption_negatives=True, loss__caption_negative_share=0.375)
+                        loss__itm_caption_negatives=True)
   source = make_source(config.data, "train")
   captions = [source[i]["caption"] for i in range(len(source))]
   tokenizer = Tokenizer.train(captions, str(tmp_path_factory.mktemp("tok") / "t.model"),
@@ -64,6 +63,10 @@ def data(shapes_data_dir, tmp_path_factory):
 
 def test_step_on_8_devices_equals_1_device(data):
   config, tokenizer, batch = data
+  # Only the first 6 of 16 rows' negatives (loss.caption_negative_share): 6 rows that the
+  # batch's 4 shards do not divide.
+  config = config.copy_and_resolve_references()
+  config.loss.caption_negative_share = 0.375
   one = create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   eight = create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   state1, a1, b1 = _one_step(config, tokenizer, batch, one)
