@@ -60,9 +60,9 @@ def swap_word(caption, groups, rng):
 
 
 def _render(template, items, background):
-  described = [(f"a {shapes.SIZES[s]} {shapes.COLOURS[c]} {shapes.KINDS[k]}",
-                shapes.POSITION_PHRASES[p]) for s, c, k, p in items]
-  return shapes.template_caption(template, described, background)
+  size, colour, kind, place = zip(*items)
+  return shapes.template_caption(template, shapes.described_items(kind, colour, size, place),
+                                 background)
 
 
 def parse_scene_caption(caption):

@@ -110,6 +110,13 @@ def _join(items):
   return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def described_items(kind, colour, size, position):
+  """The caption items [(desc "a small red circle", where "on the left")] of the shapes
+  whose attribute indices these are (int sequences; a shape with kind -1 is absent)."""
+  return [(f"a {SIZES[s]} {COLOURS[c]} {KINDS[k]}", POSITION_PHRASES[p])
+          for k, c, s, p in zip(kind, colour, size, position) if k >= 0]
+
+
 def template_caption(template, items, background="black"):
   """Caption for `items` = [(desc "a small red circle", where "on the left"), ...]."""
   both = [f"{d} {w}" for d, w in items]
@@ -141,8 +148,7 @@ def caption_variants(kind, colour, size, position, image_index, num_captions,
   if not 1 <= num_captions <= NUM_TEMPLATES:
     raise ValueError(f"num_captions={num_captions} must be in [1, {NUM_TEMPLATES}] "
                      "(one caption template each).")
-  items = [(f"a {SIZES[s]} {COLOURS[c]} {KINDS[k]}", POSITION_PHRASES[p])
-           for k, c, s, p in zip(kind, colour, size, position) if k >= 0]
+  items = described_items(kind, colour, size, position)
   return [template_caption((image_index + j) % NUM_TEMPLATES,
                            items[::-1] if j % 2 else items, background)
           for j in range(num_captions)]
@@ -248,9 +254,7 @@ def make_example(split, index, image_size, seed=0, *, min_shapes=1, max_shapes=M
     image, word = _draw_v1(rng, attrs, cells, image_size), "black"
   else:
     image, word = draw_v2(draw_rng(seed, split, index), attrs, image_size, backgrounds)
-  described = [(f"a {SIZES[s]} {COLOURS[c]} {KINDS[k]}", POSITION_PHRASES[p])
-               for k, c, s, p in zip(attrs["kind"], attrs["colour"], attrs["size"],
-                                     attrs["position"])]
+  described = described_items(attrs["kind"], attrs["colour"], attrs["size"], attrs["position"])
   out = {"image": image, "caption": template_caption(template, described, word),
          "num_shapes": n, "background": word}
   for key, values in attrs.items():
