@@ -133,21 +133,6 @@ def _frozen(value, config):
   return None
 
 
-def _lr_multipliers(value, config):
-  for entry in value:
-    if (not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], str)
-        or isinstance(entry[1], bool) or not isinstance(entry[1], (int, float))
-        or entry[1] <= 0):
-      return (f"{entry!r} must be a (parameter path, multiplier > 0) pair, as "
-              "('fusion', 3.0).")
-    bad = _frozen((entry[0],), config)
-    if bad:
-      return bad
-  if set(p for p, _ in value) & set(config.optim.get("frozen", ())):
-    return "a path in config.optim.frozen trains at no rate; drop it from one of the two."
-  return None
-
-
 def _backgrounds(value, config):
   bad = [b for b in value if b not in SHAPES_BACKGROUNDS]
   if bad or not value:
@@ -205,7 +190,6 @@ RULES = (
     ("model.vision.patch_size", INT, POSITIVE),
     ("model.itm_itc_residual", BOOL, None, has("model.itm_itc_residual")),
     ("model.itm_head_product", BOOL, None, has("model.itm_head_product")),
-    ("model.itm_head_itc_product", BOOL, None, has("model.itm_head_itc_product")),
     ("model.vision.stem", STR, OneOf(VISION_STEMS), has("model.vision.stem")),
     ("model.vision.stem_max_cls", BOOL, None, has("model.vision.stem_max_cls")),
     ("model.vision.stem_width", INT, NON_NEGATIVE, has("model.vision.stem_width")),
@@ -228,14 +212,11 @@ RULES = (
         "itc_weight", "itm_weight", "mlm_weight", "swap_weight", "prompt_weight",
         "noun_code_weight")),
     ("loss.noun_code_text_weight", FLOAT, NON_NEGATIVE, has("loss.noun_code_text_weight")),
-    ("loss.noun_code_tokens_weight", FLOAT, NON_NEGATIVE, has("loss.noun_code_tokens_weight")),
     ("loss.swap_prediction", BOOL),
     ("loss.itm_caption_negatives", BOOL, None, has("loss.itm_caption_negatives")),
     ("loss.itc_caption_negatives", BOOL, _itc_negatives, has("loss.itc_caption_negatives")),
     ("loss.caption_negative_share", FLOAT, _negative_share, has("loss.caption_negative_share")),
     ("loss.itm_uniform_negatives", FLOAT, UNIT, has("loss.itm_uniform_negatives")),
-    ("loss.itm_rank_weight", FLOAT, NON_NEGATIVE, has("loss.itm_rank_weight")),
-    ("loss.itm_rank_itc_weight", FLOAT, NON_NEGATIVE, has("loss.itm_rank_itc_weight")),
     ("loss.mlm_probability", FLOAT, Range(0, 1, low_open=True)),
     ("loss.itc.kind", STR, OneOf(ITC_KINDS)),
     ("loss.itc.label_smoothing", FLOAT, Range(0, 1, low_open=True), its("loss.itc.kind",
@@ -287,7 +268,6 @@ RULES = (
     # Parameter subtrees held fixed ("vision", "vision/cnn_stem", ...); whether this
     # model has them is checked when the optimizer state is made.
     ("optim.frozen", STRS, _frozen, has("optim.frozen")),
-    ("optim.lr_multipliers", ANY_TUPLE, _lr_multipliers, has("optim.lr_multipliers")),
     # Training loop.
     ("train.batch_size", INT, POSITIVE),
     ("train.num_steps", INT, POSITIVE),

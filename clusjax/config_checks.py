@@ -26,8 +26,7 @@ def itc_kind(loss_config):
 
 
 # The config.loss weights of the terms that read config.prompt_labels.
-LABEL_LOSS_KEYS = ("prompt_weight", "noun_code_weight", "noun_code_text_weight",
-                   "noun_code_tokens_weight")
+LABEL_LOSS_KEYS = ("prompt_weight", "noun_code_weight", "noun_code_text_weight")
 
 
 def prompts_on(config):

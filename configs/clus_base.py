@@ -134,9 +134,6 @@ def get_config(arg=None):
   # ITM's head also reads the product of the two fused CLS (a bilinear term; its
   # head is linear): needs model.vision.width = model.text.width.
   c.model.itm_head_product = False
-  # ITM's head also reads the product of the pair's ITC features (a learned weighting of
-  # ITC's cosine, which the hard negatives train toward what ITC confuses).
-  c.model.itm_head_itc_product = False
   # Fusion encoder (paper Fig. 5): co_attention (Eq. 2-4) | self_attention
   # (concatenated streams, about the same parameter count; Table 5 ablation).
   # Its blocks take the text tower's heads and MLP width.
@@ -213,12 +210,6 @@ def get_config(arg=None):
   # The share of ITM's negatives drawn uniformly from the batch instead of by ITC
   # similarity (clusjax/losses/itm.py): 0 = ALBEF's hard negatives only.
   c.loss.itm_uniform_negatives = 0.0
-  # ITM pairwise ranking (clusjax/losses/itm.py itm_rank_loss): each hard negative pair's
-  # score below its positive's, the score being ITM log-odds + ITC logit x
-  # itm_rank_itc_weight (the re-ranking score's shape at 1 / eval.rerank_itm_weight).
-  # 0 = off (the binary ITM term only).
-  c.loss.itm_rank_weight = 0.0
-  c.loss.itm_rank_itc_weight = 0.0
   c.loss.mlm_weight = 1.0
   c.loss.swap_weight = 1.0
   c.loss.swap_prediction = True   # L_z on/off (Table 5 ablation)
@@ -232,9 +223,6 @@ def get_config(arg=None):
   # The text tower against the same codes (its caption's nouns): both towers in one
   # code geometry, so that a prompt's features land where its class's images do.
   c.loss.noun_code_text_weight = 0.0
-  # The image tokens but [CLS], max-pooled, against the same codes: each token holds its
-  # own shape's nouns, where the fusion reads them (without it, [CLS] alone does).
-  c.loss.noun_code_tokens_weight = 0.0
   c.loss.mlm_probability = 0.15   # tokens masked (80% [MASK] / 10% random / 10% kept)
   # Uni-modal contrast (TCL): image_weight for each image against an augmented
   # view of itself (clusjax/data/augment.py: shifts of up to max_shift px,
@@ -264,9 +252,6 @@ def get_config(arg=None):
   # update, no Adam moments. A top-level group ("vision": a frozen image tower) or a
   # module in one ("vision/cnn_stem"); ("vision", "text") trains what reads the towers.
   c.optim.frozen = ()
-  # (parameter path, multiplier) pairs: those subtrees train at multiplier x the rate
-  # (METER trains its cross-modal layers and heads at 5x); () = one rate for all.
-  c.optim.lr_multipliers = ()
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 2048       # global batch (all devices, all hosts)

@@ -79,32 +79,3 @@ def itm_loss(logits, labels, weights=None):
   w = weights.astype(jnp.float32)
   total = jnp.maximum(jnp.sum(w), 1.0)
   return jnp.sum(w * nll) / total, jnp.sum(w * correct) / total
-
-
-def itm_rank_loss(match_logits, positive, offsets=None, weights=None):
-  """Pairwise logistic ranking of ITM scores: each negative pair below its positive.
-
-  A pair's score is its ITM log-odds of a match (logit[1] - logit[0]) plus `offsets`
-  (e.g. its ITC logit, gradient stopped: ITM then learns what ITC's order gets wrong,
-  as the re-ranking score adds the two). Re-ranking orders each query's candidates, so
-  only the difference to the query's own positive matters, not the calibration across
-  queries that the binary term also spends the head on.
-
-  Args:
-    match_logits: [N, 2] ITM logits of N pairs.
-    positive: int [N], the index of each pair's positive (itself for a positive).
-    offsets: [N] added to the scores, or None.
-    weights: [N] (0 for a pair that does not exist), or None.
-  Returns:
-    the weighted mean over the negative pairs (positive != index) of
-    softplus(score(negative) - score(positive)).
-  """
-  logits = match_logits.astype(jnp.float32)
-  score = logits[:, 1] - logits[:, 0]
-  if offsets is not None:
-    score = score + jax.lax.stop_gradient(offsets.astype(jnp.float32))
-  n = score.shape[0]
-  negative = (positive != jnp.arange(n)).astype(jnp.float32)
-  w = negative if weights is None else negative * weights.astype(jnp.float32)
-  losses = jax.nn.softplus(score - score[positive])
-  return jnp.sum(w * losses) / jnp.maximum(jnp.sum(w), 1.0)

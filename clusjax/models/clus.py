@@ -141,11 +141,6 @@ class ClusModel(nn.Module):
                          deterministic=deterministic)
     return tokens, _l2_normalize(self.vision_proj(tokens[:, 0]))
 
-  def pooled_token_features(self, image_tokens):
-    """The image tokens but [CLS], max-pooled and projected like [CLS]: [B, 1+N, Wv] ->
-    [B, E] float32, unit norm (what each token holds, as a bag: loss.noun_code_tokens)."""
-    return _l2_normalize(self.vision_proj(image_tokens[:, 1:].max(axis=1)))
-
   def encode_text(self, ids, mask, deterministic=True):
     """ids int32 [B, L], mask bool [B, L] -> (tokens [B, L, Wt], features [B, E])."""
     tokens = self.text(ids, mask, deterministic=deterministic)
@@ -169,11 +164,6 @@ class ClusModel(nn.Module):
     parts = [img[:, 0], txt[:, 0]]
     if self.config.get("itm_head_product", False):
       parts.append(self._cls_product(img[:, 0], txt[:, 0], "model.itm_head_product"))
-    if self.config.get("itm_head_itc_product", False):
-      if image_feats is None or text_feats is None:
-        raise ValueError("itm_logits with model.itm_head_itc_product needs image_feats and "
-                         "text_feats.")
-      parts.append((image_feats * text_feats).astype(img.dtype))
     if self.cluster_encoder is not None:
       if image_feats is None or text_feats is None or active is None:
         raise ValueError("itm_logits with LongNet needs image_feats, text_feats and active.")

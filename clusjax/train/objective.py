@@ -32,7 +32,6 @@ import jax.numpy as jnp
 from clusjax.config import itc_kind, negatives_in_itc
 from clusjax.data.augment import augment_images
 from clusjax.losses import (clip_temperature, infonce_from_logits, itc_logits, itm_loss, itm_pairs,
-                            itm_rank_loss,
                             distillation_loss, mask_tokens, mlm_loss, noun_codes,
                             prompt_label_loss, sample_hard_negatives, siglip_loss, softclip_loss,
                             swap_prediction_loss)
@@ -65,9 +64,7 @@ def loss_weights(loss_config):
            prompt=loss_config.get("prompt_weight", 0.0),
            noun_code=loss_config.get("noun_code_weight", 0.0),
            noun_code_text=loss_config.get("noun_code_text_weight", 0.0),
-           noun_code_tokens=loss_config.get("noun_code_tokens_weight", 0.0),
-           task=loss_config.get("task_weight", 0.0),
-           itm_rank=loss_config.get("itm_rank_weight", 0.0))
+           task=loss_config.get("task_weight", 0.0))
   uni = loss_config.get("unimodal")
   if uni is not None:
     w.update(uni_image=uni.image_weight, uni_text=uni.text_weight)
@@ -144,8 +141,7 @@ def tower_outputs(model, params, batch, rngs, config, weights):
   out = model.apply({"params": params}, images, batch["text_ids"], batch["text_mask"],
                     deterministic=False, rngs={"dropout": rngs["towers"]})
   wants_negatives = ("itc" in weights and negatives_in_itc(config)) or (
-      ("itm" in weights or "itm_rank" in weights)
-      and config.loss.get("itm_caption_negatives", False))
+      "itm" in weights and config.loss.get("itm_caption_negatives", False))
   if "neg_text_ids" in batch and wants_negatives:
     # Hard negative captions (config.data.caption_negatives or scene_negatives) of the
     # batch's first rows (loss.caption_negative_share), encoded once for ITC and ITM.
@@ -218,15 +214,6 @@ def micro_terms(model, params, out, batch, rngs, config, text_ids, active, weigh
                                         batch["label_noun"].reshape(-1), batch["caption_nouns"],
                                         out["temperature"])
 
-  if "noun_code_tokens" in weights:
-    # The same labels against the image tokens as a bag (max-pooled, [CLS] left out):
-    # each token must hold its own shape's kind and colour, which the fusion reads.
-    feats = model.apply(variables, out["image_tokens"], method=ClusModel.pooled_token_features)
-    label_noun = batch["label_noun"].reshape(-1)
-    terms["noun_code_tokens"] = prompt_label_loss(
-        feats, noun_codes(label_noun, feats.shape[-1]), label_noun, batch["caption_nouns"],
-        out["temperature"])
-
   if "uni_image" in weights:   # against a second view of the (unaugmented) images
     view = _augment(rngs["view2"], batch["image"], config.loss.unimodal)
     _, view_feats = model.apply(variables, view, deterministic=False,
@@ -245,7 +232,7 @@ def micro_terms(model, params, out, batch, rngs, config, text_ids, active, weigh
     terms["uni_text"] = infonce_from_logits(
         itc_logits(out["text_feats"], view_feats, out["temperature"]))
 
-  if "itm" in weights or "itm_rank" in weights:
+  if "itm" in weights:
     logits = itc_logits(out["image_feats"], out["text_feats"], out["temperature"])
     neg_text, neg_image = sample_hard_negatives(
         rngs["negatives"], logits, config.loss.get("itm_uniform_negatives", 0.0))
@@ -254,11 +241,6 @@ def micro_terms(model, params, out, batch, rngs, config, text_ids, active, weigh
         (out["image_tokens"], out["image_feats"]), (out["text_tokens"], mask, out["text_feats"]),
         neg_text, neg_image)
     pair_weights = None
-    b = neg_text.shape[0]
-    rows = jnp.arange(b)
-    positive = jnp.concatenate([rows, rows, rows])   # each pair's positive (rank term)
-    itc_of_pairs = jnp.concatenate([jnp.diagonal(logits), logits[rows, neg_text],
-                                    logits[neg_image, rows]])
     if "neg_text_tokens" in out and config.loss.get("itm_caption_negatives", False):
       # Each image with its caption's hard negative (a one-word swap, or another scene's
       # caption): the near misses a retrieval top-k holds, which in-batch negatives rarely are.
@@ -273,20 +255,10 @@ def micro_terms(model, params, out, batch, rngs, config, text_ids, active, weigh
       pair_weights = jnp.concatenate([jnp.ones_like(labels, jnp.float32),
                                       neg_valid.astype(jnp.float32)])
       labels = jnp.concatenate([labels, jnp.zeros_like(neg_valid, jnp.int32)])
-      positive = jnp.concatenate([positive, rows[:n]])
-      itc_of_pairs = jnp.concatenate([itc_of_pairs, itc_logits(
-          out["image_feats"][:n], neg_feats, out["temperature"]).diagonal()])
     match_logits = model.apply(variables, image_tokens, text_tokens, text_mask, image_feats,
                                text_feats, active, deterministic=False,
                                rngs={"dropout": rngs["itm"]}, method=ClusModel.itm_logits)
     terms["itm"], terms["itm_accuracy"] = itm_loss(match_logits, labels, pair_weights)
-    if "itm_rank" in weights:
-      # Each negative pair ranked below its positive, by ITM log-odds plus the ITC logit
-      # x loss.itm_rank_itc_weight (the re-ranking score's shape; clusjax/losses/itm.py).
-      itc_weight = config.loss.get("itm_rank_itc_weight", 0.0)
-      terms["itm_rank"] = itm_rank_loss(match_logits, positive,
-                                        itc_weight * itc_of_pairs if itc_weight else None,
-                                        pair_weights)
 
   if "mlm" in weights:
     masked_ids, targets = mask_tokens(

@@ -25,8 +25,8 @@ def frozen_paths(optim_config):
   return tuple(optim_config.get("frozen", ()))
 
 
-def check_frozen(frozen, params, config_key="optim.frozen"):
-  """Raises ConfigError naming a path of config.`config_key` that `params` does not have."""
+def check_frozen(frozen, params):
+  """Raises ConfigError naming a frozen path that `params` does not have."""
   from clusjax.config import ConfigError
   for path in frozen:
     tree, seen = params, []
@@ -34,7 +34,7 @@ def check_frozen(frozen, params, config_key="optim.frozen"):
       if not hasattr(tree, "keys") or key not in tree:
         where = "/".join(seen) or "the model"
         have = ", ".join(sorted(tree)) if hasattr(tree, "keys") else "no sub-modules"
-        raise ConfigError(f"config.{config_key}: {path!r} is not in this model's parameters "
+        raise ConfigError(f"config.optim.frozen: {path!r} is not in this model's parameters "
                           f"({where} has {have}).")
       tree, seen = tree[key], seen + [key]
 
@@ -42,30 +42,16 @@ def check_frozen(frozen, params, config_key="optim.frozen"):
 def _map_frozen(params, frozen, leaf, prefix=""):
   """`params` as a prefix tree in which each frozen subtree is `leaf(subtree, True)`
   and each subtree with nothing frozen under it `leaf(subtree, False)`."""
-  return _map_paths(params, {path: True for path in frozen},
-                    lambda value, found: leaf(value, bool(found)), prefix)
-
-
-def _map_paths(params, tags, leaf, prefix=""):
-  """`params` as a prefix tree in which the subtree at each path of `tags` is
-  `leaf(subtree, tags[path])` and each subtree with no such path under it
-  `leaf(subtree, None)`."""
   out = {}
   for key, value in params.items():
     path = f"{prefix}{key}"
-    if path in tags:
-      out[key] = leaf(value, tags[path])
-    elif any(t.startswith(path + "/") for t in tags):
-      out[key] = _map_paths(value, tags, leaf, path + "/")
+    if path in frozen:
+      out[key] = leaf(value, True)
+    elif any(f.startswith(path + "/") for f in frozen):
+      out[key] = _map_frozen(value, frozen, leaf, path + "/")
     else:
-      out[key] = leaf(value, None)
+      out[key] = leaf(value, False)
   return type(params)(out)
-
-
-def lr_multipliers(optim_config):
-  """{path: multiplier} of `optim.lr_multipliers` ((path, multiplier) pairs; paths as
-  in optim.frozen): those subtrees train at the multiplier x the schedule's rate."""
-  return {path: float(m) for path, m in optim_config.get("lr_multipliers", ())}
 
 
 def stop_frozen(params, frozen):
@@ -81,28 +67,14 @@ def make_optimizer(optim_config, num_steps):
   """Returns (optax transformation, schedule). Subtrees in `optim.frozen` get no update
   (no weight decay either) and no Adam moments."""
   schedule = learning_rate_schedule(optim_config, num_steps)
-
-  def adamw(rate):
-    return optax.adamw(rate, b1=optim_config.b1, b2=optim_config.b2,
-                       weight_decay=optim_config.weight_decay, mask=_decay_mask)
-
-  clip = ([optax.clip_by_global_norm(optim_config.grad_clip_norm)]
-          if optim_config.grad_clip_norm > 0 else [])
-  frozen, multipliers = frozen_paths(optim_config), lr_multipliers(optim_config)
-  if multipliers:
-    # One clipping over all gradients, then each group's AdamW at its own rate.
-    groups = {"train": adamw(schedule), "frozen": optax.set_to_zero()}
-    groups.update({f"x{m:g}": adamw(lambda step, m=m: m * schedule(step))
-                   for m in multipliers.values()})
-    tags = {**{path: f"x{m:g}" for path, m in multipliers.items()},
-            **{path: "frozen" for path in frozen}}
-
-    def group_labels(params):   # a prefix tree of the params
-      check_frozen(frozen, params)
-      check_frozen(tuple(multipliers), params, "optim.lr_multipliers")
-      return _map_paths(params, tags, lambda _, tag: tag or "train")
-    return optax.chain(*clip, optax.multi_transform(groups, group_labels)), schedule
-  tx = optax.chain(*clip, adamw(schedule))
+  parts = []
+  if optim_config.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
+  parts.append(optax.adamw(
+      schedule, b1=optim_config.b1, b2=optim_config.b2,
+      weight_decay=optim_config.weight_decay, mask=_decay_mask))
+  tx = optax.chain(*parts)
+  frozen = frozen_paths(optim_config)
   if frozen:
     def labels(params):   # a prefix tree of the params
       check_frozen(frozen, params)

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clusjax.losses import (itm_loss, itm_pairs, itm_rank_loss, mask_tokens, mlm_loss,
-                            sample_hard_negatives)
+from clusjax.losses import itm_loss, itm_pairs, mask_tokens, mlm_loss, sample_hard_negatives
 
 
 def test_hard_negatives_follow_softmax_and_skip_the_positive():
@@ -45,27 +44,6 @@ def test_uniform_fraction_mixes_uniform_negatives_into_the_softmax(u):
       np.testing.assert_allclose(freq, want, atol=0.015)
   with pytest.raises(ValueError, match="uniform_fraction=1.5 must be in"):
     sample_hard_negatives(jax.random.key(0), sim, 1.5)
-
-
-def test_itm_rank_loss_orders_each_negative_below_its_positive():
-  """softplus(score(negative) - score(its positive)), score = log-odds + offset; the
-  positives' own rows and zero-weight pairs do not count; offsets take no gradient."""
-  rng = np.random.default_rng(0)
-  logits = jnp.asarray(rng.normal(size=(7, 2)), jnp.float32)
-  positive = jnp.array([0, 1, 2, 0, 1, 2, 0])
-  offsets = jnp.asarray(rng.normal(size=7), jnp.float32)
-  weights = jnp.array([1, 1, 1, 1, 1, 1, 0], jnp.float32)
-  score = np.asarray(logits[:, 1] - logits[:, 0] + offsets)
-  want = np.mean([np.logaddexp(0, score[i] - score[p]) for i, p in ((3, 0), (4, 1), (5, 2))])
-  np.testing.assert_allclose(itm_rank_loss(logits, positive, offsets, weights), want, rtol=1e-6)
-  # A constant added to a query's pairs (its positive and negatives) changes nothing.
-  shifted = logits.at[jnp.array([0, 3, 6]), 1].add(5.0)
-  np.testing.assert_allclose(itm_rank_loss(shifted, positive, offsets, weights), want, rtol=1e-5)
-  grad = jax.grad(lambda o: itm_rank_loss(logits, positive, o, weights))(offsets)
-  assert not np.any(np.asarray(grad))
-  # The ordered pair costs less than the reversed one.
-  pair = jnp.array([[0.0, 3.0], [0.0, -3.0]])
-  assert itm_rank_loss(pair, jnp.array([0, 0])) < 0.05 < itm_rank_loss(pair[::-1], jnp.array([0, 0]))
 
 
 def test_hard_negatives_come_from_other_shards():

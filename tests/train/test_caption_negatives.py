@@ -52,22 +52,3 @@ def test_itm_only_negatives_of_the_first_rows(shapes_data_dir):
   with_itc = _objective(config)(batch)
   assert abs(with_itc["itc"] - base["itc"]) > 1e-4
   np.testing.assert_allclose(with_itc["itm"], base["itm"], rtol=1e-6)
-
-
-def test_itm_rank_term_ranks_the_itm_pairs(shapes_data_dir):
-  """loss.itm_rank_weight: the ranking term runs without the binary one, over the same
-  pairs (the caption negatives' too) and, with loss.itm_rank_itc_weight, adds ITC's logits."""
-  config = micro_config(shapes_data_dir, data__scene_negatives=True,
-                        loss__itm_caption_negatives=True, loss__itc_caption_negatives=False,
-                        loss__itm_weight=0.0, loss__itm_rank_weight=1.0, loss__mlm_weight=0.0,
-                        loss__swap_prediction=False, loss__noun_code_weight=0.0,
-                        loss__noun_code_text_weight=0.0, loss__prompt_weight=0.0)
-  batch = random_batch(config)
-  rng = np.random.default_rng(0)
-  batch["neg_text_ids"] = jnp.asarray(rng.integers(4, 128, batch["neg_text_ids"].shape))
-  rank_only = _objective(config)
-  base = rank_only(batch)
-  assert np.isfinite(base["itm_rank"]) and base["itm_rank"] > 0
-  assert abs(rank_only(_invalid(batch, slice(None)))["itm_rank"] - base["itm_rank"]) > 1e-5
-  config.loss.itm_rank_itc_weight = 2.0
-  assert abs(_objective(config)(batch)["itm_rank"] - base["itm_rank"]) > 1e-4
