@@ -26,6 +26,7 @@ from clusjax.data.shapes import COLOURS, KINDS
 from clusjax.eval.retrieval import load_eval_pairs
 
 VIEWS = ("cls", "itc", "mean", "max")
+ATTRIBUTES = {"kind": KINDS, "colour": COLOURS}   # record key -> its value names
 
 
 def presence(record, key, size):
@@ -36,7 +37,7 @@ def presence(record, key, size):
 
 
 def views(model, split, num_examples):
-  """({view: [N, D]}, kind labels [N, 5], colour labels [N, 8]) of a split."""
+  """({view: [N, D]}, {attribute: labels [N, values]}) of a split (ATTRIBUTES)."""
   config = model.config
   config.data.eval_split = split
   images, captions, _ = load_eval_pairs(config, model.tokenizer, num_examples)
@@ -44,9 +45,9 @@ def views(model, split, num_examples):
   records = [source[i] for i in range(len(captions))]
   tokens, feats = (np.asarray(x, np.float64) for x in model.image_outputs(images))
   x = dict(cls=tokens[:, 0], itc=feats, mean=tokens[:, 1:].mean(1), max=tokens[:, 1:].max(1))
-  kinds = np.stack([presence(r, "kind", len(KINDS)) for r in records])
-  colours = np.stack([presence(r, "colour", len(COLOURS)) for r in records])
-  return x, kinds, colours
+  labels = {key: np.stack([presence(r, key, len(names)) for r in records])
+            for key, names in ATTRIBUTES.items()}
+  return x, labels
 
 
 def probe(x_fit, y_fit, x_test, y_test):
@@ -71,15 +72,16 @@ def main():
   if model.config.data.name != "shapes":
     raise SystemExit("token_probe: needs the built-in shapes (got "
                      f"data.name={model.config.data.name!r}).")
-  fit, test = (views(model, split, args.num_examples) for split in ("val", "test"))
-  for attribute, j, names in (("kind", 1, KINDS), ("colour", 2, COLOURS)):
-    y = test[j]
+  (x_fit, y_fit), (x_test, y_test) = (views(model, split, args.num_examples)
+                                       for split in ("val", "test"))
+  for attribute, names in ATTRIBUTES.items():
+    y = y_test[attribute]
     base = np.maximum(y.mean(0), 1 - y.mean(0))
-    print(f"\n{attribute} presence (fit on {len(fit[j])} val images, read on {len(y)} test "
-          f"images): {', '.join(names)}")
+    print(f"\n{attribute} presence (fit on {len(y_fit[attribute])} val images, read on "
+          f"{len(y)} test images): {', '.join(names)}")
     print(f"  {'guess':5s} {' '.join(f'{a:.3f}' for a in base)} | mean {base.mean():.3f}")
     for view in VIEWS:
-      acc = probe(fit[0][view], fit[j], test[0][view], y)
+      acc = probe(x_fit[view], y_fit[attribute], x_test[view], y)
       print(f"  {view:5s} {' '.join(f'{a:.3f}' for a in acc)} | mean {acc.mean():.3f}")
 
 
