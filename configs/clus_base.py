@@ -210,8 +210,6 @@ def get_config(arg=None):
   # The share of ITM's negatives drawn uniformly from the batch instead of by ITC
   # similarity (clusjax/losses/itm.py): 0 = ALBEF's hard negatives only.
   c.loss.itm_uniform_negatives = 0.0
-  # Hard negatives per example and direction (ALBEF: 1); each positive then weighs as much.
-  c.loss.itm_negatives = 1
   c.loss.mlm_weight = 1.0
   c.loss.swap_weight = 1.0
   c.loss.swap_prediction = True   # L_z on/off (Table 5 ablation)

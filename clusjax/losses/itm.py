@@ -3,8 +3,8 @@ import jax
 import jax.numpy as jnp
 
 
-def sample_hard_negatives(rng, similarity, uniform_fraction=0.0, num=1):
-  """`num` hard negative texts per image and as many hard negative images per text.
+def sample_hard_negatives(rng, similarity, uniform_fraction=0.0):
+  """One hard negative text per image and one hard negative image per text.
 
   Negatives are drawn from the *global* batch with probability
   softmax(similarity) over the other examples (the positive excluded), as
@@ -22,11 +22,8 @@ def sample_hard_negatives(rng, similarity, uniform_fraction=0.0, num=1):
     rng: PRNG key.
     similarity: [B, B] image-by-text ITC logits (a gradient is not taken).
     uniform_fraction: u in [0, 1].
-    num: negatives per example and direction; above 1 drawn without replacement
-      (Gumbel top-k over the same log-probabilities).
   Returns:
-    (negative text index per image [B], negative image index per text [B]), int32;
-    [B, num] each when num > 1.
+    (negative text index per image [B], negative image index per text [B]), int32.
   """
   sim = jax.lax.stop_gradient(similarity).astype(jnp.float32)
   b = sim.shape[0]
@@ -34,8 +31,6 @@ def sample_hard_negatives(rng, similarity, uniform_fraction=0.0, num=1):
     raise ValueError(f"hard negatives need a batch of at least 2; got {b}.")
   if not 0.0 <= uniform_fraction <= 1.0:
     raise ValueError(f"uniform_fraction={uniform_fraction} must be in [0, 1].")
-  if not 1 <= num < b:
-    raise ValueError(f"num={num} hard negatives per example needs 1 <= num < batch {b}.")
   eye = jnp.eye(b, dtype=bool)
 
   def log_probs(rows):
@@ -46,35 +41,27 @@ def sample_hard_negatives(rng, similarity, uniform_fraction=0.0, num=1):
          + uniform_fraction * jnp.where(eye, 0.0, 1.0 / (b - 1)))
     return jnp.where(eye, -jnp.inf, jnp.log(p))
 
-  def draw(key, rows):
-    if num == 1:
-      return jax.random.categorical(key, log_probs(rows), axis=1).astype(jnp.int32)
-    gumbel = jax.random.gumbel(key, rows.shape, jnp.float32)
-    return jax.lax.top_k(log_probs(rows) + gumbel, num)[1].astype(jnp.int32)
-
   rng_text, rng_image = jax.random.split(rng)
-  return draw(rng_text, sim), draw(rng_image, sim.T)
+  neg_text = jax.random.categorical(rng_text, log_probs(sim), axis=1)
+  neg_image = jax.random.categorical(rng_image, log_probs(sim.T), axis=1)
+  return neg_text.astype(jnp.int32), neg_image.astype(jnp.int32)
 
 
 def itm_pairs(images, texts, neg_text, neg_image):
-  """The (1 + 2m)B ITM pairs: B positives, then (image, hard text), then (hard image,
-  text), for m negatives per example and direction (m = 1: ALBEF's 3B).
+  """The 3B ITM pairs: B positives, then (image, hard text), then (hard image, text).
 
   Args:
     images: a pytree of per-image arrays [B, ...] (tokens, features, ...).
     texts: a pytree of per-text arrays [B, ...] (tokens, mask, features, ...).
-    neg_text, neg_image: int [B] or [B, m], from `sample_hard_negatives`.
+    neg_text, neg_image: int [B], from `sample_hard_negatives`.
   Returns:
-    (images of the pairs, texts of the pairs: the same pytrees with [(1 + 2m)B, ...]
-    leaves; labels int32 [(1 + 2m)B], 1 = match).
+    (images of the pairs, texts of the pairs: the same pytrees with [3B, ...]
+    leaves; labels int32 [3B], 1 = match).
   """
   b = neg_text.shape[0]
-  neg_text, neg_image = neg_text.reshape(b, -1).T.ravel(), neg_image.reshape(b, -1).T.ravel()
-  m = neg_text.shape[0] // b
-  tile = lambda x: jnp.tile(x, (m,) + (1,) * (x.ndim - 1))  # noqa: E731
-  pair_images = jax.tree.map(lambda x: jnp.concatenate([x, tile(x), x[neg_image]]), images)
-  pair_texts = jax.tree.map(lambda x: jnp.concatenate([x, x[neg_text], tile(x)]), texts)
-  labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * m * b,), jnp.int32)])
+  pair_images = jax.tree.map(lambda x: jnp.concatenate([x, x, x[neg_image]]), images)
+  pair_texts = jax.tree.map(lambda x: jnp.concatenate([x, x[neg_text], x]), texts)
+  labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
   return pair_images, pair_texts, labels
 
 

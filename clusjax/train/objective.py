@@ -235,15 +235,12 @@ def micro_terms(model, params, out, batch, rngs, config, text_ids, active, weigh
   if "itm" in weights:
     logits = itc_logits(out["image_feats"], out["text_feats"], out["temperature"])
     neg_text, neg_image = sample_hard_negatives(
-        rngs["negatives"], logits, config.loss.get("itm_uniform_negatives", 0.0),
-        config.loss.get("itm_negatives", 1))
+        rngs["negatives"], logits, config.loss.get("itm_uniform_negatives", 0.0))
     # Each pair carries its tokens (fusion) and ITC features (LongNet's cluster tokens).
     (image_tokens, image_feats), (text_tokens, text_mask, text_feats), labels = itm_pairs(
         (out["image_tokens"], out["image_feats"]), (out["text_tokens"], mask, out["text_feats"]),
         neg_text, neg_image)
-    num = config.loss.get("itm_negatives", 1)
-    # More negatives per example: each positive weighs m, the classes keep ALBEF's 1 : 2.
-    pair_weights = None if num == 1 else jnp.where(labels == 1, float(num), 1.0)
+    pair_weights = None
     if "neg_text_tokens" in out and config.loss.get("itm_caption_negatives", False):
       # Each image with its caption's hard negative (a one-word swap, or another scene's
       # caption): the near misses a retrieval top-k holds, which in-batch negatives rarely are.
@@ -255,8 +252,7 @@ def micro_terms(model, params, out, batch, rngs, config, text_ids, active, weigh
       text_tokens = jnp.concatenate([text_tokens, neg_tokens])
       text_mask = jnp.concatenate([text_mask, batch["neg_text_mask"][:n]])
       text_feats = jnp.concatenate([text_feats, neg_feats])
-      pair_weights = jnp.concatenate([jnp.ones_like(labels, jnp.float32) if pair_weights is None
-                                      else pair_weights,
+      pair_weights = jnp.concatenate([jnp.ones_like(labels, jnp.float32),
                                       neg_valid.astype(jnp.float32)])
       labels = jnp.concatenate([labels, jnp.zeros_like(neg_valid, jnp.int32)])
     match_logits = model.apply(variables, image_tokens, text_tokens, text_mask, image_feats,
