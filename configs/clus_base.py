@@ -279,7 +279,7 @@ def get_config(arg=None):
   c.eval.rerank_k = 16            # ITC top-k re-scored by ITM (0 = ITC ranking only)
   # The re-ranking score: itm (ITM log-odds, ALBEF) | itm+itc (plus the ITC logit, BLIP
   # style; clusjax/eval/retrieval.py). itm+itc: an ITM head weaker than ITC on the
-  # top-k's near misses no longer pulls R@1 down (README, "Re-ranking").
+  # top-k's near misses no longer pulls R@1 down (docs/experiments.md, "Re-ranking").
   c.eval.rerank_score = "itm+itc"
   # itm+itc: the weight of the ITM log-odds beside the ITC logit; pick it on the
   # validation split (benchmarks/itm_negatives.py --split=val sweeps it).
@@ -309,8 +309,8 @@ def _tiny(c):
   # budget (transfer kind 0.235, ITC R@1 0.18); this stem does. At patch 16 (a 4 x 4
   # grid that does not line up with the captions' 3 x 3 places) R@1 stopped at 0.48 /
   # 0.38 (seeds 0 / 1), most near misses a shape's place; at patch 8 with 2 blocks,
-  # 0.66 / 0.65 in the same wall time (README, Figures on shapes v2). Its price: no
-  # transformers ViTModel export (use stem="patch" for that).
+  # 0.66 / 0.65 in the same wall time (docs/experiments.md, Figures on shapes v2). Its
+  # price: no transformers ViTModel export (use stem="patch" for that).
   c.model.vision = ml_collections.ConfigDict(
       dict(patch_size=8, width=128, depth=2, num_heads=4, mlp_dim=512, stem="cnn",
            stem_max_cls=True, stem_width=0))
@@ -329,16 +329,16 @@ def _tiny(c):
   # CLIP's stable settings (b2 0.98, clipping) and a longer warm-up let it
   # leave that plateau within ~50 steps.
   # Twice the noun-code weight: shape kind (and with it ITC R@1, 0.55 -> 0.70)
-  # is learned about 100 steps sooner (README, Figures). Labels from the nouns
-  # and their phrases: "small red circle" teaches colour too (zero-shot 0.41
-  # -> 0.99 at batch 128).
+  # is learned about 100 steps sooner (docs/experiments.md, Figures on shapes v1).
+  # Labels from the nouns and their phrases: "small red circle" teaches colour too
+  # (zero-shot 0.41 -> 0.99 at batch 128).
   c.loss.noun_code_weight = 2.0
   c.prompt_labels.phrases = True
   # The captions' text features against the same codes, at half the image's weight:
   # the image features already told kind apart (a linear probe read transfer kind
   # 0.84) while zero-shot through the prompts did not (0.58); with it, transfer kind
-  # 0.84 / 0.69 at seeds 0 / 1 (0.58 / 0.31 without; README, Figures on shapes v2).
-  # At 1.0 colour drops (transfer colour 0.84).
+  # 0.84 / 0.69 at seeds 0 / 1 (0.58 / 0.31 without; docs/experiments.md, Figures on
+  # shapes v2). At 1.0 colour drops (transfer colour 0.84).
   c.loss.noun_code_text_weight = 0.5
   # Place. Data version 3 (eval scenes never repeat; the train split is v2's), and every
   # batch 32 examples each beside its place twin (the same shapes and background, other
@@ -346,7 +346,8 @@ def _tiny(c):
   # (uni-modal terms): in-batch contrast alone left both towers blind to place (a
   # caption and its left <-> right copy at cosine 0.9999) because neither tower moves
   # first; the uni-modal views make each tell its own twin apart. R@1 0.66 / 0.65 ->
-  # 0.86 / 0.87 (seed 0); twins without the image view 0.74 / 0.80 (README, "Place").
+  # 0.86 / 0.87 (seed 0); twins without the image view 0.74 / 0.80
+  # (docs/experiments.md, "Place").
   c.data.shapes_version = 3
   c.data.shapes_twins = 1.0
   c.loss.unimodal.update(image_weight=1.0, text_weight=1.0)
@@ -356,11 +357,12 @@ def _tiny(c):
   # agreement poorly. A share of its negatives uniform, the product of the fused CLS
   # in its head, more weight and a quarter of MLM's (MLM shares the fusion's text
   # stream): re-ranked R@1 0.809 / 0.808 (4.6 / 6.2 below ITC) -> 0.883 / 0.885
-  # (5.1 / 3.2 above ITC 0.832 / 0.853 at lr 1e-3; README, "Re-ranking").
+  # (5.1 / 3.2 above ITC 0.832 / 0.853 at lr 1e-3; docs/experiments.md, "Re-ranking").
   # Learning rate 2e-3 (was 1e-3): ITC R@1 0.832 / 0.853 -> 0.902 / 0.910 in the same
   # steps; with it ITM 3 and a quarter uniform: ITC 0.928 / 0.951, re-ranked 0.947 /
-  # 0.965 at ITM weight 0.5 in the score (the best on the val split; README,
-  # "Learning rate"). Seed spread is large: lr 2e-3 at seed 1 gave 0.803 / 0.852.
+  # 0.965 at ITM weight 0.5 in the score (the best on the val split;
+  # docs/experiments.md, "Learning rate"). Seed spread is large: lr 2e-3 at seed 1
+  # gave 0.803 / 0.852.
   c.model.itm_head_product = True
   c.loss.itm_uniform_negatives = 0.25
   c.loss.itm_weight = 3.0

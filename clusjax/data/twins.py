@@ -4,14 +4,14 @@ On the built-in shapes, a batch's other examples almost never hold the same
 shapes as an example, so in-batch contrast (ITC, and ITM's negatives mined
 from it) is won on colour, kind and size alone, and both towers learn to
 ignore place: a caption and its left <-> right swapped copy had cosine 0.9999,
-and most retrieval misses were the same shapes elsewhere (README, "What holds
-R@1"). A twin is an example's shapes (kind, colour, size) moved to other places,
+and most retrieval misses were the same shapes elsewhere (docs/experiments.md,
+"Figures on shapes v2"). A twin is an example's shapes (kind, colour, size) moved to other places,
 drawn by v2's renderer, with the caption's place phrases moved with them: in a
 batch beside its example, it is the negative that only place tells apart.
 Twins alone leave both towers blind (neither moves first: each one's gradient
 towards place is the other's difference between the twins, near zero); with the
 uni-modal views (`config.loss.unimodal`) each tower must tell an example from
-its twin by itself, and R@1 rose 0.66 -> 0.86 (README, "Place").
+its twin by itself, and R@1 rose 0.66 -> 0.86 (docs/experiments.md, "Place").
 
 `TwinSource` holds the twins: records 0 .. N-1 are the training source's, record
 N + i is record i's twin. `TwinBatches` turns a sampler of B - p record indices
