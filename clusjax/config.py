@@ -190,7 +190,6 @@ RULES = (
     ("model.vision.patch_size", INT, POSITIVE),
     ("model.itm_itc_residual", BOOL, None, has("model.itm_itc_residual")),
     ("model.itm_head_product", BOOL, None, has("model.itm_head_product")),
-    ("model.itm_pool_text", BOOL, None, has("model.itm_pool_text")),
     ("model.vision.stem", STR, OneOf(VISION_STEMS), has("model.vision.stem")),
     ("model.vision.stem_max_cls", BOOL, None, has("model.vision.stem_max_cls")),
     ("model.vision.stem_width", INT, NON_NEGATIVE, has("model.vision.stem_width")),

@@ -249,11 +249,10 @@ INIT_FROM_KEYS = tuple(f"model.{t}.{k}" for t in ("vision", "text")
                        for k in ("width", "depth", "num_heads", "mlp_dim")) + (
     "model.vision.patch_size", "model.vision.stem", "model.vision.stem_max_cls",
     "model.vision.stem_width", "model.embed_dim", "model.fusion",
-    "model.fusion_depth", "model.itm_head_product", "model.itm_pool_text", "data.max_text_len")
+    "model.fusion_depth", "model.itm_head_product", "data.max_text_len")
 # What a workdir from before a key existed was trained with.
 _INIT_FROM_DEFAULTS = {"model.vision.stem": "patch", "model.vision.stem_max_cls": False,
-                       "model.vision.stem_width": 0, "model.itm_head_product": False,
-                       "model.itm_pool_text": False}
+                       "model.vision.stem_width": 0, "model.itm_head_product": False}
 
 
 def check_init_from(config):

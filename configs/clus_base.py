@@ -134,9 +134,6 @@ def get_config(arg=None):
   # ITM's head also reads the product of the two fused CLS (a bilinear term; its
   # head is linear): needs model.vision.width = model.text.width.
   c.model.itm_head_product = False
-  # ... and the mean and max of the fused word tokens (the last fusion block then runs
-  # the whole text stream: ~5% of :tiny's step).
-  c.model.itm_pool_text = False
   # Fusion encoder (paper Fig. 5): co_attention (Eq. 2-4) | self_attention
   # (concatenated streams, about the same parameter count; Table 5 ablation).
   # Its blocks take the text tower's heads and MLP width.

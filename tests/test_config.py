@@ -243,11 +243,6 @@ def test_check_init_from_names_the_differing_key(tmp_path):
     check_init_from(c)
   c.model.itm_head_product = False
   check_init_from(c)
-  c.model.itm_pool_text = True     # the ITM head's shape: 2 x width more inputs
-  with pytest.raises(ConfigError, match=re.escape(
-      "config.model.itm_pool_text=True but config.init_from")):
-    check_init_from(c)
-  c.model.itm_pool_text = False
   c.init_from = str(tmp_path / "nothing")
   with pytest.raises(ConfigError, match="not a trained clusjax workdir"):
     check_init_from(c)

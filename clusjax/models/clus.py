@@ -158,22 +158,12 @@ class ClusModel(nn.Module):
     image_feats, text_feats [B, E] and the prototypes' `active` mask [K_max]
     give its cluster tokens: V_T = F_I Z / tau_z, V_I = F_T Z / tau_z (DESIGN §3-4).
     With config.model.itm_itc_residual the match logit also gets their cosine times a
-    learned scale (ITM as a correction of ITC). With config.model.itm_pool_text the head
-    also reads the mean and max of the fused word tokens (padding left out): in the last
-    fusion block [CLS] attends before the words have read the image, so with one block
-    what each word found in it ("magenta ... at the bottom") never reaches [CLS].
+    learned scale (ITM as a correction of ITC).
     """
-    pool = self.config.get("itm_pool_text", False)
-    img, txt = self.fusion(image_tokens, text_tokens, text_mask, deterministic,
-                           outputs="cls_text" if pool else "cls")
+    img, txt = self.fusion(image_tokens, text_tokens, text_mask, deterministic, outputs="cls")
     parts = [img[:, 0], txt[:, 0]]
     if self.config.get("itm_head_product", False):
       parts.append(self._cls_product(img[:, 0], txt[:, 0], "model.itm_head_product"))
-    if pool:
-      m = text_mask[:, 1:, None].astype(txt.dtype)
-      words = txt[:, 1:]
-      parts.append(jnp.sum(words * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0))
-      parts.append(jnp.max(jnp.where(m > 0, words, -1e4), 1))
     if self.cluster_encoder is not None:
       if image_feats is None or text_feats is None or active is None:
         raise ValueError("itm_logits with LongNet needs image_feats, text_feats and active.")

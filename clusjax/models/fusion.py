@@ -86,9 +86,8 @@ class FusionEncoder(nn.Module):
     With `cache` (one {"self", "cross"} per layer, see TransformerBlock) and
     `cache_index`, returns (None, text tokens, the updated caches).
     """
-    if outputs not in ("all", "cls", "cls_text", "text", "caption"):
-      raise ValueError(f"outputs={outputs!r} must be 'all', 'cls', 'cls_text', 'text' or "
-                       "'caption'.")
+    if outputs not in ("all", "cls", "text", "caption"):
+      raise ValueError(f"outputs={outputs!r} must be 'all', 'cls', 'text' or 'caption'.")
     text_mask = text_mask.astype(bool)
     image_mask = jnp.ones(image_tokens.shape[:2], bool)
     run = functools.partial(run_layers, self, deterministic=deterministic, remat=self.remat,
@@ -113,18 +112,16 @@ class FusionEncoder(nn.Module):
     if self.kind == "co_attention":
       blocks = self._blocks(True, image="image_block_{}", text="text_block_{}")
 
-      def layer(streams, b, n_image=None, n_text=None, image=True):
+      def layer(streams, b, n=None, image=True):
         img, txt = streams
-        new_img = (b["image"](img, image_mask, deterministic, txt, text_mask, n_image)
-                   if image else None)
-        return new_img, b["text"](txt, text_mask, deterministic, img, image_mask, n_text)
+        new_img = b["image"](img, image_mask, deterministic, txt, text_mask, n) if image else None
+        return new_img, b["text"](txt, text_mask, deterministic, img, image_mask, n)
 
       last = self.depth - 1
       streams = run(blocks, range(last), layer, (image_tokens, text_tokens))
       # The last block computes only what the caller reads.
       return run(blocks, range(last, self.depth),
-                 functools.partial(layer, n_image=1 if outputs.startswith("cls") else None,
-                                   n_text=1 if outputs == "cls" else None,
+                 functools.partial(layer, n=1 if outputs == "cls" else None,
                                    image=outputs != "text"), streams)
     if self.kind == "self_attention":
       width = text_tokens.shape[-1]
@@ -142,7 +139,7 @@ class FusionEncoder(nn.Module):
               lambda x, b: b["block"](x, mask, deterministic), x)
       n = image_tokens.shape[1]
       img, txt = x[:, :n], x[:, n:]
-      if outputs.startswith("cls"):
-        return img[:, :1], txt[:, :1] if outputs == "cls" else txt
+      if outputs == "cls":
+        return img[:, :1], txt[:, :1]
       return (None if outputs == "text" else img), txt
     raise ValueError(f"config.model.fusion={self.kind!r} must be one of {', '.join(FUSIONS)}.")

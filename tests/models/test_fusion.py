@@ -40,9 +40,6 @@ def test_partial_outputs_equal_the_full_ones(kind):
   none, text_only = fusion.apply({"params": params}, img, txt, mask, outputs="text")
   assert none is None
   np.testing.assert_allclose(text_only, full_txt, atol=1e-5)
-  cls_img, all_txt = fusion.apply({"params": params}, img, txt, mask, outputs="cls_text")
-  np.testing.assert_allclose(cls_img, full_img[:, :1], atol=1e-5)
-  np.testing.assert_allclose(all_txt, full_txt, atol=1e-5)
 
 
 def test_co_attention_streams_read_each_other():
@@ -222,35 +219,3 @@ def test_itm_head_product_reads_the_product_of_the_fused_cls():
   with pytest.raises(ValueError, match="itm_head_product=True needs fused streams of one width"):
     ClusModel(ml_collections.FrozenConfigDict(wide), vocab_size=128, max_text_len=LT,
               num_prototypes=10).init(jax.random.key(0), images, ids, mask)
-
-
-def test_itm_pool_text_reads_the_fused_word_tokens_not_the_padding():
-  """model.itm_pool_text: ITM's head also reads the mean and max of the fused word
-  tokens (after [CLS], padding left out): its kernel's last 2E rows weigh them, a
-  padded position's id does not move the logits, a word's does."""
-  models, images, ids, mask = _itm_models("itm_pool_text")
-  params = randomize(nn.unbox(models[1].init(jax.random.key(0), images, ids, mask)["params"]))
-  kernel = np.asarray(params["itm_head"]["kernel"])
-  assert kernel.shape == (4 * E, 2)
-  mask = mask.copy()
-  mask[:, LT - 1:] = False
-  out = models[1].apply({"params": params}, images, ids, mask)
-  args = (out["image_tokens"], out["text_tokens"], mask)
-  _, txt = models[1].apply({"params": params}, *args, outputs="all",
-                           method=lambda m, *a, **k: m.fusion(*a, **k))
-  words = np.asarray(txt)[:, 1:LT - 1]
-  pooled = np.concatenate([words.mean(1), words.max(1)], axis=-1)
-  plain = {**params, "itm_head": {**params["itm_head"], "kernel": kernel[:2 * E]}}
-  base = models[0].apply({"params": plain}, *args, method=ClusModel.itm_logits)
-  got = models[1].apply({"params": params}, *args, method=ClusModel.itm_logits)
-  np.testing.assert_allclose(got, np.asarray(base) + pooled @ kernel[2 * E:], atol=1e-4)
-  assert np.abs(pooled @ kernel[2 * E:]).max() > 1e-3      # the pooled term is not nil
-  def logits(new_ids):
-    o = models[1].apply({"params": params}, images, new_ids, mask)
-    return np.asarray(models[1].apply({"params": params}, o["image_tokens"], o["text_tokens"],
-                                      mask, method=ClusModel.itm_logits))
-  padded, word = ids.copy(), ids.copy()
-  padded[:, LT - 1] = 3
-  word[:, 1] = np.where(ids[:, 1] == 5, 6, 5)
-  np.testing.assert_allclose(logits(padded), logits(ids), atol=1e-5)
-  assert np.abs(logits(word) - logits(ids)).max() > 1e-3
