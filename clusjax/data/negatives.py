@@ -14,10 +14,10 @@ from `config.data.caption_negatives`, parsed by
 On the built-in shapes a one-word swap makes one kind of near miss; what ITM
 re-ranking still gets wrong there is mostly another scene with one shape more
 or fewer, or the same attributes bound to other shapes (docs/experiments.md,
-"Hard negatives for ITM"). `SCENE` in place of word groups (`config.data.scene_negatives`) makes
-each caption's negative the caption of such a scene (`scene_negative`): two shapes'
-colour, kind or size swapped, a shape dropped, added, changed or moved, worded by
-the caption's own template.
+"Hard negatives for ITM"). `SCENE` in place of word groups
+(`config.data.scene_negatives`) makes each caption's negative the caption of such a
+scene (`scene_negative`): two shapes' colour, kind or size swapped, a shape dropped,
+added, changed or moved, worded by the caption's own template.
 
 The swap is drawn from `np.random.default_rng([seed, index])`: example `index`
 gets the same negative on every read, so a resumed run sees the same batches.

@@ -5,9 +5,9 @@ shapes as an example, so in-batch contrast (ITC, and ITM's negatives mined
 from it) is won on colour, kind and size alone, and both towers learn to
 ignore place: a caption and its left <-> right swapped copy had cosine 0.9999,
 and most retrieval misses were the same shapes elsewhere (docs/experiments.md,
-"Figures on shapes v2"). A twin is an example's shapes (kind, colour, size) moved to other places,
-drawn by v2's renderer, with the caption's place phrases moved with them: in a
-batch beside its example, it is the negative that only place tells apart.
+"Figures on shapes v2"). A twin is an example's shapes (kind, colour, size) moved to
+other places, drawn by v2's renderer, with the caption's place phrases moved with
+them: in a batch beside its example, it is the negative that only place tells apart.
 Twins alone leave both towers blind (neither moves first: each one's gradient
 towards place is the other's difference between the twins, near zero); with the
 uni-modal views (`config.loss.unimodal`) each tower must tell an example from
