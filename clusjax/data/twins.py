@@ -4,8 +4,8 @@ On the built-in shapes, a batch's other examples almost never hold the same
 shapes as an example, so in-batch contrast (ITC, and ITM's negatives mined
 from it) is won on colour, kind and size alone, and both towers learn to
 ignore place: a caption and its left <-> right swapped copy had cosine 0.9999,
-and most retrieval misses were the same shapes elsewhere (docs/experiments.md,
-"Figures on shapes v2"). A twin is an example's shapes (kind, colour, size) moved to
+and most retrieval misses were the same shapes elsewhere (docs/experiments.md, "What
+holds R@1"). A twin is an example's shapes (kind, colour, size) moved to
 other places, drawn by v2's renderer, with the caption's place phrases moved with
 them: in a batch beside its example, it is the negative that only place tells apart.
 Twins alone leave both towers blind (neither moves first: each one's gradient
