@@ -33,10 +33,12 @@ def _tiny(c):
   # 2x faster: no backward through two images' towers) and the steps go to the fusion
   # and head: 0.885 at 1,000 x 64, lr 3e-4, in 8.8 min, where "both images / exactly
   # one image contain a <kind>" rise from chance; 0.805 at 700 steps, 0.820 at 800 with
-  # lr 5e-4 (those two still at chance); 0.756 unfrozen at 500 x 64, 1e-4 (docs/experiments.md).
+  # lr 5e-4 (those two still at chance); 0.756 unfrozen at 500 x 64, 1e-4
+  # (docs/experiments.md).
   downstream.tiny(c, batch_size=64, num_steps=1_000, checkpoint_every=200)
   c.optim.learning_rate = 3e-4
   c.optim.frozen = ("vision",)
   # The head also reads image CLS * text CLS per pair: shapes NLVR 0.738 -> 0.756 from
-  # the patch-8 :tiny (same_count 0.67 -> 0.78; docs/experiments.md, Fine-tuning figures).
+  # the patch-8 :tiny (same_count 0.67 -> 0.78; docs/experiments.md, Fine-tuning
+  # figures).
   c.finetune.head_product = True

@@ -32,8 +32,8 @@ def get_config(arg=None):
 
 def _tiny(c):
   """Fine-tunes the :tiny pre-training on 2 CPU cores in minutes."""
-  # easy-VQA from the patch-8 :tiny (docs/experiments.md, Fine-tuning figures): 0.939 at 1,200 x 32,
-  # 0.9997 at 2,400 x 32 (14 min): "is there a <shape>?" with the shape present is
+  # easy-VQA from the patch-8 :tiny (docs/experiments.md, Fine-tuning figures): 0.939
+  # at 1,200 x 32, 0.9997 at 2,400 x 32 (14 min): "is there a <shape>?" with the shape present is
   # answered only after the training set is fit (~1,400 steps). The CNN stem held fixed
   # makes a step 1.5x faster: 0.982 at 2,400 x 32 in 9.4 min; the whole image tower
   # held fixed 2x, but 0.925 (easy-VQA's renderer draws shapes the tower must adapt to).

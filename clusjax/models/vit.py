@@ -23,8 +23,8 @@ gives the same token; stem="cnn" (CnnStem) is that from full resolution, and
 stem_max_cls adds the stem's global max to the [CLS] output. stem_width sets the
 channels of a convolutional stem's last stage (default: the ViT width), which
 `patch_embed` then maps to the width (at patch 8 and width 128, a 64-channel end
-makes the tower's forward + backward 0.64x as long; docs/experiments.md, Figures on shapes v2).
-HF `ViTModel` has none of these stems: export refuses them.
+makes the tower's forward + backward 0.64x as long; docs/experiments.md, Figures on
+shapes v2). HF `ViTModel` has none of these stems: export refuses them.
 """
 from typing import Any
 
