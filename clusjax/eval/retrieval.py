@@ -6,8 +6,9 @@ from clusjax.data import iterate_eval, make_source
 RECALL_AT = (1, 5, 10)
 
 
-def recall_at_k(similarity, ks=RECALL_AT, t2i_similarity=None, text_image=None):
-  """Recall@K both ways; an image may have several captions (COCO, Flickr30k: 5).
+def match_ranks(similarity, t2i_similarity=None, text_image=None):
+  """Each query's rank of its match, both ways; an image may have several captions
+  (COCO, Flickr30k: 5).
 
   image->text: image i is a hit at K when any of its captions ranks in its top K,
   i.e. fewer than K captions score strictly higher than its best own caption.
@@ -17,15 +18,14 @@ def recall_at_k(similarity, ks=RECALL_AT, t2i_similarity=None, text_image=None):
 
   Args:
     similarity: [N_img, N_txt] image-by-text scores.
-    ks: the K of recall@K.
     t2i_similarity: optional [N_img, N_txt] image-by-text scores to rank images
       for each text with (default: `similarity`); re-ranking scores the two
       directions differently.
     text_image: optional int [N_txt], the image of each caption; None = paired
       (N_img == N_txt, caption i belongs to image i).
   Returns:
-    {"i2t_r1": ..., "t2i_r1": ..., ..., "rsum": ...}: recalls are fractions in
-    [0, 1]; rsum is their sum over both directions and all ks.
+    {"i2t": int [N_img with a caption], "t2i": int [N_txt]}: 0 = the match first
+    (a hit at K when the rank is below K).
   """
   similarity = np.asarray(similarity, np.float64)
   t2i = similarity if t2i_similarity is None else np.asarray(t2i_similarity, np.float64)
@@ -52,8 +52,18 @@ def recall_at_k(similarity, ks=RECALL_AT, t2i_similarity=None, text_image=None):
   np.maximum.at(best, text_image, similarity[text_image, txt])
   has_caption = np.bincount(text_image, minlength=n_img) > 0
   # Rank of the true match = number of items scored strictly higher.
-  ranks = {"i2t": (similarity > best[:, None]).sum(axis=1)[has_caption],
-           "t2i": (t2i > t2i[text_image, txt][None, :]).sum(axis=0)}
+  return {"i2t": (similarity > best[:, None]).sum(axis=1)[has_caption],
+          "t2i": (t2i > t2i[text_image, txt][None, :]).sum(axis=0)}
+
+
+def recall_at_k(similarity, ks=RECALL_AT, t2i_similarity=None, text_image=None):
+  """Recall@K both ways (`match_ranks`' arguments).
+
+  Returns:
+    {"i2t_r1": ..., "t2i_r1": ..., ..., "rsum": ...}: recalls are fractions in
+    [0, 1]; rsum is their sum over both directions and all ks.
+  """
+  ranks = match_ranks(similarity, t2i_similarity, text_image)
   out = {}
   for name, rank in ranks.items():
     for k in ks:
@@ -61,6 +71,30 @@ def recall_at_k(similarity, ks=RECALL_AT, t2i_similarity=None, text_image=None):
   out["rsum"] = sum(out[f"{name}_r{k}"] for name in ranks for k in ks)
   return out
 
+
+
+def paired_bootstrap(before, after, num_samples=4000, level=0.95, seed=0):
+  """The change in a per-query score (e.g. R@1 hits, `match_ranks(...) < 1`, before and
+  after re-ranking) and how sure it is: the mean of after - before over the queries,
+  and its `level` percentile interval over `num_samples` resamplings of the queries.
+  Both are resampled together (the same queries), so the interval is the change's own,
+  much narrower than either recall's.
+
+  Returns (change, low, high), as fractions.
+  """
+  before, after = np.asarray(before, np.float64), np.asarray(after, np.float64)
+  if before.ndim != 1 or before.shape != after.shape or not before.size:
+    raise ValueError(f"before {before.shape} and after {after.shape} must be the same "
+                     "non-empty [N_queries].")
+  if not 0.0 < level < 1.0 or num_samples < 1:
+    raise ValueError(f"level={level} must be in (0, 1) and num_samples={num_samples} >= 1.")
+  diff, n = after - before, before.size
+  rng = np.random.default_rng(seed)
+  means = np.concatenate([diff[rng.integers(0, n, (min(500, num_samples - i), n))].mean(axis=1)
+                          for i in range(0, num_samples, 500)])
+  tail = 100.0 * (1.0 - level) / 2.0
+  low, high = np.percentile(means, [tail, 100.0 - tail])
+  return float(diff.mean()), float(low), float(high)
 
 def mean_top1_probability(similarity, logit_scale):
   """Mean over images of the largest probability of the image->text softmax of

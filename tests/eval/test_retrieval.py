@@ -217,3 +217,37 @@ def test_rerank_pair_scores():
                              [4.5, 2.0])
   with pytest.raises(ValueError, match="'itc'"):
     rerank_pair_scores("itc", cos, odds, 10.0)
+
+
+def test_match_ranks_are_what_recall_counts():
+  from clusjax.eval.retrieval import match_ranks
+  sim = np.random.default_rng(3).normal(size=(30, 30))
+  t2i = sim + np.random.default_rng(4).normal(size=(30, 30))
+  ranks = match_ranks(sim, t2i)
+  # Independent: the number of candidates scored strictly above the match.
+  np.testing.assert_array_equal(ranks["i2t"], [(sim[i] > sim[i, i]).sum() for i in range(30)])
+  np.testing.assert_array_equal(ranks["t2i"], [(t2i[:, j] > t2i[j, j]).sum() for j in range(30)])
+  r = recall_at_k(sim, t2i_similarity=t2i)
+  assert r["i2t_r1"] == np.mean(ranks["i2t"] == 0) and r["t2i_r5"] == np.mean(ranks["t2i"] < 5)
+
+
+def test_paired_bootstrap_interval_of_a_change():
+  """1,000 queries, 30 fixed and 10 broken: change 0.02, standard error
+  sqrt((0.04 - 0.02^2) / 1000) = 0.0063, so the 95% interval is about 0.02 +- 0.0123."""
+  from clusjax.eval.retrieval import paired_bootstrap
+  before = np.zeros(1000, bool)
+  after = np.zeros(1000, bool)
+  before[:10] = True                  # broken
+  after[10:40] = True                 # fixed
+  before[40:900] = after[40:900] = True
+  change, low, high = paired_bootstrap(before, after)
+  assert change == pytest.approx(0.02)
+  assert low == pytest.approx(0.02 - 0.0123, abs=0.002)
+  assert high == pytest.approx(0.02 + 0.0123, abs=0.002)
+  # Unchanged queries add nothing to the interval; the same seed, the same interval.
+  assert paired_bootstrap(before, before) == (0.0, 0.0, 0.0)
+  assert paired_bootstrap(before, after) == (change, low, high)
+  with pytest.raises(ValueError, match=r"before \(1000,\) and after \(999,\)"):
+    paired_bootstrap(before, after[:999])
+  with pytest.raises(ValueError, match="level=1.5"):
+    paired_bootstrap(before, after, level=1.5)
