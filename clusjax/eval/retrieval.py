@@ -63,7 +63,11 @@ def recall_at_k(similarity, ks=RECALL_AT, t2i_similarity=None, text_image=None):
     {"i2t_r1": ..., "t2i_r1": ..., ..., "rsum": ...}: recalls are fractions in
     [0, 1]; rsum is their sum over both directions and all ks.
   """
-  ranks = match_ranks(similarity, t2i_similarity, text_image)
+  return recalls(match_ranks(similarity, t2i_similarity, text_image), ks)
+
+
+def recalls(ranks, ks=RECALL_AT):
+  """`recall_at_k`'s figures from `match_ranks`' ranks."""
   out = {}
   for name, rank in ranks.items():
     for k in ks:
@@ -207,9 +211,11 @@ class RetrievalEvaluator:
   """R@1/5/10 image->text and text->image by ITC similarity, then (with
   `config.eval.rerank_k` > 0) with the ITC top-k re-ranked by ITM, as ALBEF
   (or by ITM and ITC together: config.eval.rerank_score):
-  `rerank_i2t_r1`, ...; `rsum` is the sum of the six recalls. With several
-  captions per image (records with "image_id"), the COCO / Flickr protocol:
-  an image's hit is any of its captions, a caption's its image."""
+  `rerank_i2t_r1`, ..., and R@1's change `rerank_i2t_r1_gain` with its 95% interval
+  over resampled queries (`_low`, `_high`; `paired_bootstrap`); `rsum` is the sum of
+  the six recalls. With several captions per image (records with "image_id"), the
+  COCO / Flickr protocol: an image's hit is any of its captions, a caption's its
+  image."""
   name = "retrieval"
 
   def __init__(self, config):
@@ -223,7 +229,8 @@ class RetrievalEvaluator:
     sim = image_feats @ text_feats.T
     yield "num_examples", len(captions)
     yield "num_images", len(images)
-    yield from recall_at_k(sim, text_image=text_image).items()
+    itc_ranks = match_ranks(sim, text_image=text_image)
+    yield from recalls(itc_ranks).items()
     yield "i2t_top1_prob", mean_top1_probability(sim, model.logit_scale)
     k = self.config.eval.rerank_k
     if k:
@@ -240,5 +247,12 @@ class RetrievalEvaluator:
                                   np.concatenate(out), model.logit_scale,
                                   self.config.eval.get("rerank_itm_weight", 1.0))
       i2t, t2i = rerank_scores(sim, k, pair_scores)
-      for key, value in recall_at_k(i2t, t2i_similarity=t2i, text_image=text_image).items():
+      ranks = match_ranks(i2t, t2i, text_image)
+      for key, value in recalls(ranks).items():
         yield f"rerank_{key}", value
+      # R@1's change and its 95% interval over the queries resampled: how much of it
+      # the split's sample of queries alone could make.
+      for direction, rank in ranks.items():
+        gain = paired_bootstrap(itc_ranks[direction] == 0, rank == 0)
+        for suffix, value in zip(("", "_low", "_high"), gain):
+          yield f"rerank_{direction}_r1_gain{suffix}", value

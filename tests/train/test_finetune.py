@@ -228,3 +228,8 @@ def test_retrieval_eval_groups_captions_by_image(shapes_data_dir, trained_workdi
   assert results["retrieval/num_images"] == 10 and results["retrieval/num_examples"] == 30
   assert results["retrieval/rsum"] == pytest.approx(
       sum(results[f"retrieval/{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)))
+  for d in ("i2t", "t2i"):   # re-ranking's R@1 change, inside its bootstrap interval
+    gain = results[f"retrieval/rerank_{d}_r1_gain"]
+    assert gain == pytest.approx(results[f"retrieval/rerank_{d}_r1"] - results[f"retrieval/{d}_r1"])
+    assert results[f"retrieval/rerank_{d}_r1_gain_low"] <= gain
+    assert gain <= results[f"retrieval/rerank_{d}_r1_gain_high"]
