@@ -76,7 +76,6 @@ def recalls(ranks, ks=RECALL_AT):
   return out
 
 
-
 def paired_bootstrap(before, after, num_samples=4000, level=0.95, seed=0):
   """The change in a per-query score (e.g. R@1 hits, `match_ranks(...) < 1`, before and
   after re-ranking) and how sure it is: the mean of after - before over the queries,
@@ -99,6 +98,7 @@ def paired_bootstrap(before, after, num_samples=4000, level=0.95, seed=0):
   tail = 100.0 * (1.0 - level) / 2.0
   low, high = np.percentile(means, [tail, 100.0 - tail])
   return float(diff.mean()), float(low), float(high)
+
 
 def mean_top1_probability(similarity, logit_scale):
   """Mean over images of the largest probability of the image->text softmax of
