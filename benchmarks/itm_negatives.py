@@ -37,7 +37,7 @@ from clusjax.data import make_source
 from clusjax.data.negatives import swap_word
 from clusjax.data.shapes import scene_key
 from clusjax.eval.retrieval import (RERANK_SCORES, load_eval_pairs, match_ranks, negative_type,
-                                    paired_bootstrap, rerank_pair_scores, rerank_scores)
+                                    r1_gains, rerank_pair_scores, rerank_scores)
 
 
 def main():
@@ -134,20 +134,20 @@ def main():
                                                       *RERANK_SCORES]]
       print(" | ".join(f"{v:>12}" for v in row))
 
-  itc = {d: r == 0 for d, r in match_ranks(sim).items()}
-  print(f"\n{args.split}: ITC R@1 {itc['i2t'].mean():.3f} / {itc['t2i'].mean():.3f}; re-ranked "
-        f"(itm+itc, top-{k}) by the weight of the ITM log-odds (this run's: {itm_weight});\nthe "
-        "gain over ITC in points, with its 95% interval over resampled queries (paired "
-        "bootstrap):")
+  itc = match_ranks(sim)
+  print(f"\n{args.split}: ITC R@1 {np.mean(itc['i2t'] == 0):.3f} / {np.mean(itc['t2i'] == 0):.3f}; "
+        f"re-ranked (itm+itc, top-{k}) by the weight of the ITM log-odds (this run's: "
+        f"{itm_weight});\nthe gain over ITC in points, with its 95% interval over resampled "
+        "queries (paired bootstrap):")
   for w in weights:
     def pair_scores(i, j, w=w):
       odds = np.array([log_odds[(a, b)] for a, b in zip(i, j)])
       return rerank_pair_scores("itm+itc", sim[i, j], odds, model.logit_scale, w)
     i2t, t2i = rerank_scores(sim, k, pair_scores)
-    hits = {d: r == 0 for d, r in match_ranks(i2t, t2i).items()}
-    gains = ["{:+.1f} [{:+.1f}, {:+.1f}]".format(*100 * np.array(paired_bootstrap(itc[d], hits[d])))
-             for d in ("i2t", "t2i")]
-    print(f"  {w:>5g}: {hits['i2t'].mean():.3f} / {hits['t2i'].mean():.3f}   "
+    ranks = match_ranks(i2t, t2i)
+    gains = ["{:+.1f} [{:+.1f}, {:+.1f}]".format(*100 * np.array(gain))
+             for gain in r1_gains(itc, ranks).values()]
+    print(f"  {w:>5g}: {np.mean(ranks['i2t'] == 0):.3f} / {np.mean(ranks['t2i'] == 0):.3f}   "
           f"gain (points) {gains[0]} / {gains[1]}")
 
 

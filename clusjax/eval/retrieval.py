@@ -100,6 +100,12 @@ def paired_bootstrap(before, after, num_samples=4000, level=0.95, seed=0):
   return float(diff.mean()), float(low), float(high)
 
 
+def r1_gains(before, after):
+  """R@1's change from `match_ranks` `before` to `after` (the same queries), with its
+  95% interval: {direction: (change, low, high)} (`paired_bootstrap`)."""
+  return {d: paired_bootstrap(before[d] == 0, after[d] == 0) for d in before}
+
+
 def mean_top1_probability(similarity, logit_scale):
   """Mean over images of the largest probability of the image->text softmax of
   `logit_scale * similarity` [N_img, N_txt]: how peaked the contrastive
@@ -252,7 +258,6 @@ class RetrievalEvaluator:
         yield f"rerank_{key}", value
       # R@1's change and its 95% interval over the queries resampled: how much of it
       # the split's sample of queries alone could make.
-      for direction, rank in ranks.items():
-        gain = paired_bootstrap(itc_ranks[direction] == 0, rank == 0)
+      for direction, gain in r1_gains(itc_ranks, ranks).items():
         for suffix, value in zip(("", "_low", "_high"), gain):
           yield f"rerank_{direction}_r1_gain{suffix}", value
