@@ -14,7 +14,7 @@ import re
 from clusjax.config_checks import (  # noqa: F401 (re-exported: clusjax.config's API)
     MAX_ARRAY_BYTES, SHAPES_CAPTION_TEMPLATES, WORD_PATTERN, check_bytes_of, check_clustering,
     check_grad_accum, check_longnet, check_losses, check_model, check_prompt_labels, itc_kind,
-    prompts_on)
+    prompts_on, twin_pairs_per_batch)
 from clusjax.config_mesh import (  # noqa: F401 (re-exported: clusjax.config's API)
     MESH_AXES, check_devices, check_sharding_rules, dcn_mesh_shape, resolve_mesh_shape)
 from clusjax.config_rules import (  # noqa: F401 (ConfigError, set_key: clusjax.config's API)
@@ -105,6 +105,16 @@ def _itc_negatives(value, config):
     return None
   return ("leaves the hard negative captions to ITM, but config.loss.itm_caption_negatives "
           "is False: nothing would use them.")
+
+
+def _twin_negatives(value, config):
+  if not 0 <= value <= 1:
+    return "must be in [0, 1]: the share of config.train.num_steps, from the start."
+  if value < 1 and not twin_pairs_per_batch(config.data, config.train.batch_size):
+    return ("stops drawing place twins as ITM negatives, but there are none: "
+            f"config.data.shapes_twins={config.data.get('shapes_twins', 0.0)} "
+            f"(config.data.name={config.data.name!r}) puts no twin pairs in a batch.")
+  return None
 
 
 def _scene_negatives(value, config):
@@ -217,6 +227,7 @@ RULES = (
     ("loss.itc_caption_negatives", BOOL, _itc_negatives, has("loss.itc_caption_negatives")),
     ("loss.caption_negative_share", FLOAT, _negative_share, has("loss.caption_negative_share")),
     ("loss.itm_uniform_negatives", FLOAT, UNIT, has("loss.itm_uniform_negatives")),
+    ("loss.itm_twin_negatives", FLOAT, _twin_negatives, has("loss.itm_twin_negatives")),
     ("loss.mlm_probability", FLOAT, Range(0, 1, low_open=True)),
     ("loss.itc.kind", STR, OneOf(ITC_KINDS)),
     ("loss.itc.label_smoothing", FLOAT, Range(0, 1, low_open=True), its("loss.itc.kind",

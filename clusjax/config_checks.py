@@ -34,6 +34,15 @@ def prompts_on(config):
   return any(config.loss.get(key, 0.0) for key in LABEL_LOSS_KEYS)
 
 
+def twin_pairs_per_batch(data_config, batch_size):
+  """Place-twin pairs per batch of `batch_size` (`clusjax.data.twins`): from
+  `data_config.shapes_twins`, the share of a batch's rows in pairs; 0 when off or
+  when the data is not the built-in shapes (which alone has scenes to move)."""
+  if data_config.name != "shapes":
+    return 0
+  return int(data_config.get("shapes_twins", 0.0) * batch_size) // 2   # <= batch_size / 2
+
+
 def _arrays(config):
   """(what, ((key, power), ...), bytes per element) of the largest arrays a run makes."""
   image = (("data.image_size", 2),)

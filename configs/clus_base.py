@@ -210,6 +210,9 @@ def get_config(arg=None):
   # The share of ITM's negatives drawn uniformly from the batch instead of by ITC
   # similarity (clusjax/losses/itm.py): 0 = ALBEF's hard negatives only.
   c.loss.itm_uniform_negatives = 0.0
+  # The share of train.num_steps (from the start) in which an example's place twin
+  # (data.shapes_twins) may be drawn as its ITM negative; after it, never. 1 = throughout.
+  c.loss.itm_twin_negatives = 1.0
   c.loss.mlm_weight = 1.0
   c.loss.swap_weight = 1.0
   c.loss.swap_prediction = True   # L_z on/off (Table 5 ablation)

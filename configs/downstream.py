@@ -40,6 +40,7 @@ def task_config(task, arg):
   # ITM (retrieval fine-tunes) on ALBEF's hard negatives and re-ranking by ITM log-odds
   # + ITC logit at weight 1, as their figures were measured.
   c.loss.itm_uniform_negatives = 0.0
+  c.loss.itm_twin_negatives = 1.0   # no twins to leave out
   c.eval.rerank_itm_weight = 1.0
   c.clustering.enabled = False
   c.clustering.plots = False

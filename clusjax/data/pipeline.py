@@ -75,6 +75,8 @@ class _DecodeIndex:
       example.update({k: record[k] for k in ("caption",) + EVAL_KEYS if k in record})
     if self.targets is not None:   # a downstream task's labels (clusjax.data.tasks)
       example.update(self.targets(record))
+    if hasattr(self.source, "pair_id"):   # place twins (clusjax.data.twins)
+      example["pair_id"] = np.int32(self.source.pair_id(index))
     if self.negative_groups:
       # None: nothing to swap (an all-padding row, masked out of the loss).
       negative = negative_caption(caption, self.negative_groups, self.seed, index)
@@ -174,7 +176,8 @@ def make_train_iterator(source, *, global_batch_size, seed, image_size, tokenize
     batched; records with "image2" (NLVR2) also "image2" [b, S, S, 3].
     With `twin_pairs` p > 0 (`source` a `clusjax.data.twins.TwinSource`) the
     stream shuffles the training records alone and each global batch is B - p
-    of them, the first p each followed by its twin.
+    of them, the first p each followed by its twin; "pair_id" int32 [b] is the
+    same for an example and its twin, different otherwise.
   """
   if global_batch_size % process_count:
     raise ValueError(f"global batch size {global_batch_size} is not divisible by the number of "

@@ -17,6 +17,8 @@ its twin by itself, and R@1 rose 0.66 -> 0.86 (docs/experiments.md, "Place").
 N + i is record i's twin. `TwinBatches` turns a sampler of B - p record indices
 per step into one of B: its first p indices, each followed by its twin, then the
 rest. `config.data.shapes_twins` is the fraction 2p / B of a batch in such pairs.
+Each row's "pair_id" (i for record i and its twin) says which rows are twins,
+wherever the loader or microbatching puts them (`loss.itm_twin_negatives` reads it).
 
 The twin of image i is a pure function of (seed, i, its record): the places are
 drawn from `np.random.default_rng([seed, 0, i, TWIN_STREAM])` (never the example's
@@ -28,6 +30,7 @@ import re
 
 import numpy as np
 
+from clusjax.config_checks import twin_pairs_per_batch
 from clusjax.data import shapes
 
 TWIN_STREAM = 4   # the stream index after the shapes' own (2: v2's drawing, 3: v3's redraws)
@@ -79,6 +82,11 @@ class TwinSource:
   def __len__(self):
     return 2 * self.num_originals
 
+  def pair_id(self, index):
+    """The pair that record `index` is in: an example and its twin share one, and
+    the loader writes it as the batch's "pair_id" (int32 [B])."""
+    return int(index) % self.num_originals
+
   def __getitem__(self, index):
     index = int(index)
     if not 0 <= index < len(self):
@@ -109,8 +117,8 @@ def with_twins(source, data_config, batch_size):
   """(`TwinSource` of the training `source`, pairs per batch) for `config.data`'s
   shapes_twins, the fraction of a batch's rows in pairs; (`source`, 0) when off or
   when the data is not the built-in shapes (which alone has scenes to move)."""
-  pairs = int(data_config.get("shapes_twins", 0.0) * batch_size) // 2   # <= batch_size / 2
-  if not pairs or data_config.name != "shapes":
+  pairs = twin_pairs_per_batch(data_config, batch_size)
+  if not pairs:
     return source, 0
   backgrounds = data_config.get("shapes_backgrounds", shapes.DEFAULT_BACKGROUNDS)
   return TwinSource(source, image_size=data_config.image_size, seed=data_config.seed,

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 
 
-def sample_hard_negatives(rng, similarity, uniform_fraction=0.0):
+def sample_hard_negatives(rng, similarity, uniform_fraction=0.0, excluded=None):
   """One hard negative text per image and one hard negative image per text.
 
   Negatives are drawn from the *global* batch with probability
@@ -18,10 +18,16 @@ def sample_hard_negatives(rng, similarity, uniform_fraction=0.0):
   negatives are nearly all such pairs, and ITM, which cannot tell them apart
   either yet, learns nothing; the uniform share gives it the easy ones first.
 
+  `excluded` (bool [B, B], image row by text column) marks pairs never drawn,
+  by either share: e.g. an example's place twin once ITM has learned place
+  (`twin_pairs`), so that its negatives are the other kinds of near miss.
+  A row needs at least one pair left to draw.
+
   Args:
     rng: PRNG key.
     similarity: [B, B] image-by-text ITC logits (a gradient is not taken).
     uniform_fraction: u in [0, 1].
+    excluded: None, or bool [B, B] (may be traced).
   Returns:
     (negative text index per image [B], negative image index per text [B]), int32.
   """
@@ -31,20 +37,32 @@ def sample_hard_negatives(rng, similarity, uniform_fraction=0.0):
     raise ValueError(f"hard negatives need a batch of at least 2; got {b}.")
   if not 0.0 <= uniform_fraction <= 1.0:
     raise ValueError(f"uniform_fraction={uniform_fraction} must be in [0, 1].")
+  if excluded is not None and excluded.shape != (b, b):
+    raise ValueError(f"excluded has shape {excluded.shape}; the similarity is {(b, b)}.")
   eye = jnp.eye(b, dtype=bool)
+  blocked = eye if excluded is None else eye | excluded
 
-  def log_probs(rows):
-    logits = jnp.where(eye, -jnp.inf, rows)
+  def log_probs(rows, blocked):
+    logits = jnp.where(blocked, -jnp.inf, rows)
     if not uniform_fraction:
       return logits
+    share = (1.0 / (b - 1) if excluded is None    # uniform over the pairs left
+             else 1.0 / jnp.maximum(jnp.sum(~blocked, axis=1, keepdims=True), 1))
     p = ((1.0 - uniform_fraction) * jax.nn.softmax(logits, axis=1)
-         + uniform_fraction * jnp.where(eye, 0.0, 1.0 / (b - 1)))
-    return jnp.where(eye, -jnp.inf, jnp.log(p))
+         + uniform_fraction * jnp.where(blocked, 0.0, share))
+    return jnp.where(blocked, -jnp.inf, jnp.log(p))
 
   rng_text, rng_image = jax.random.split(rng)
-  neg_text = jax.random.categorical(rng_text, log_probs(sim), axis=1)
-  neg_image = jax.random.categorical(rng_image, log_probs(sim.T), axis=1)
+  neg_text = jax.random.categorical(rng_text, log_probs(sim, blocked), axis=1)
+  neg_image = jax.random.categorical(rng_image, log_probs(sim.T, blocked.T), axis=1)
   return neg_text.astype(jnp.int32), neg_image.astype(jnp.int32)
+
+
+def twin_pairs(pair_id):
+  """bool [B, B]: rows r != c of one pair (the same `pair_id`, e.g. an example and
+  its place twin, `clusjax.data.twins`)."""
+  same = pair_id[:, None] == pair_id[None, :]
+  return same & ~jnp.eye(pair_id.shape[0], dtype=bool)
 
 
 def itm_pairs(images, texts, neg_text, neg_image):

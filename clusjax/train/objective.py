@@ -34,7 +34,7 @@ from clusjax.data.augment import augment_images
 from clusjax.losses import (clip_temperature, infonce_from_logits, itc_logits, itm_loss, itm_pairs,
                             distillation_loss, mask_tokens, mlm_loss, noun_codes,
                             prompt_label_loss, sample_hard_negatives, siglip_loss, softclip_loss,
-                            swap_prediction_loss)
+                            swap_prediction_loss, twin_pairs)
 from clusjax.models.clus import ClusModel
 from clusjax.train.downstream import caption_terms, task_terms
 
@@ -197,9 +197,10 @@ def batch_terms(model, params, out, batch, rngs, config, active, weights, teache
   return terms
 
 
-def micro_terms(model, params, out, batch, rngs, config, text_ids, active, weights):
+def micro_terms(model, params, out, batch, rngs, config, text_ids, active, weights, step=None):
   """The other terms `weights` has (prompt labels, uni-modal views, ITM with
-  its hard negatives, MLM), from the batch and its towers' outputs."""
+  its hard negatives, MLM), from the batch and its towers' outputs; `step` (the
+  train step, traced) for the schedule of ITM's twin negatives."""
   variables = {"params": params}
   ids, mask = batch["text_ids"], batch["text_mask"]
   maskable = mask & (ids != text_ids.cls_id) & (ids != text_ids.sep_id)
@@ -235,7 +236,8 @@ def micro_terms(model, params, out, batch, rngs, config, text_ids, active, weigh
   if "itm" in weights:
     logits = itc_logits(out["image_feats"], out["text_feats"], out["temperature"])
     neg_text, neg_image = sample_hard_negatives(
-        rngs["negatives"], logits, config.loss.get("itm_uniform_negatives", 0.0))
+        rngs["negatives"], logits, config.loss.get("itm_uniform_negatives", 0.0),
+        excluded=twin_exclusion(batch, config, step))
     # Each pair carries its tokens (fusion) and ITC features (LongNet's cluster tokens).
     (image_tokens, image_feats), (text_tokens, text_mask, text_feats), labels = itm_pairs(
         (out["image_tokens"], out["image_feats"]), (out["text_tokens"], mask, out["text_feats"]),
@@ -278,16 +280,32 @@ def micro_terms(model, params, out, batch, rngs, config, text_ids, active, weigh
   return terms
 
 
+def twin_exclusion(batch, config, step):
+  """None, or bool [B, B]: the place twins ITM may not draw as negatives at `step`.
+  For the first `loss.itm_twin_negatives` share of the steps an example's twin is
+  a negative like any other (ITM learns place from it); after, never (its
+  negatives are the other near misses: kind, count, binding). A traced switch on
+  the step: one compiled step, the same batches."""
+  share = config.loss.get("itm_twin_negatives", 1.0)
+  if share >= 1 or "pair_id" not in batch:
+    return None
+  if step is None:
+    raise ValueError(f"config.loss.itm_twin_negatives={share} needs the train step.")
+  return twin_pairs(batch["pair_id"]) & (step >= round(share * config.train.num_steps))
+
+
 def weighted_sum(terms, weights):
   return sum(w * terms[k] for k, w in weights.items())
 
 
-def compute_losses(model, params, batch, rng, config, text_ids, active, teacher=None):
+def compute_losses(model, params, batch, rng, config, text_ids, active, teacher=None,
+                   step=None):
   """Forward passes and the weighted objective.
 
   Args:
     active: bool [K_max], the active prototypes.
     teacher: (teacher model, its params) when config.distill.teacher is set.
+    step: the train step (traced), for schedules inside the objective.
   Returns:
     (total loss, (dict of per-term scalars for logging, the towers' outputs)).
   """
@@ -295,7 +313,8 @@ def compute_losses(model, params, batch, rng, config, text_ids, active, teacher=
   rngs = step_rngs(rng)
   out = tower_outputs(model, params, batch, rngs, config, weights)
   terms = batch_terms(model, params, out, batch, rngs, config, active, weights, teacher)
-  terms.update(micro_terms(model, params, out, batch, rngs, config, text_ids, active, weights))
+  terms.update(micro_terms(model, params, out, batch, rngs, config, text_ids, active, weights,
+                           step))
   return weighted_sum(terms, weights), (terms, out)
 
 

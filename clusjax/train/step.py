@@ -27,7 +27,7 @@ def _merge(x):
   return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def accumulated_losses(model, params, batch, rng, config, text_ids, active, m):
+def accumulated_losses(model, params, batch, rng, config, text_ids, active, m, step=None):
   """The objective and its gradient over `m` microbatches (open_clip's
   accum-freq): the BATCH_TERMS still see the whole batch.
 
@@ -72,7 +72,7 @@ def accumulated_losses(model, params, batch, rng, config, text_ids, active, m):
     def surrogate(p):
       p = stop_frozen(p, frozen_paths(config.optim))
       o = towers(p, mb, key)
-      t = micro_terms(model, p, o, mb, step_rngs(key), config, text_ids, active, local)
+      t = micro_terms(model, p, o, mb, step_rngs(key), config, text_ids, active, local, step)
       own = weighted_sum(t, local)
       link = sum(jnp.vdot(cot[k], o[k].astype(cot[k].dtype)) for k in cot)
       return own / m + link, (own, t)
@@ -148,18 +148,18 @@ def make_cluster_step(config):
 
 
 def make_loss_and_grads(model, config, text_ids, teacher_model=None):
-  """`(params, batch, rng, active, teacher_params) -> (loss, (terms, tower outputs),
-  grads)` of the objective, over config.grad_accum_steps microbatches."""
+  """`(params, batch, rng, active, teacher_params, step) -> (loss, (terms, tower
+  outputs), grads)` of the objective, over config.grad_accum_steps microbatches."""
   m = config.get("grad_accum_steps", 1)
 
-  def loss_and_grads(params, batch, rng, active, teacher_params=None):
+  def loss_and_grads(params, batch, rng, active, teacher_params=None, step=None):
     if m > 1:
-      return accumulated_losses(model, params, batch, rng, config, text_ids, active, m)
+      return accumulated_losses(model, params, batch, rng, config, text_ids, active, m, step)
     teacher = None if teacher_model is None else (teacher_model, teacher_params)
     frozen = frozen_paths(config.optim)
     (loss, aux), grads = jax.value_and_grad(
         lambda p: compute_losses(model, stop_frozen(p, frozen), batch, rng, config, text_ids,
-                                 active, teacher),
+                                 active, teacher, step),
         has_aux=True)(params)
     return loss, aux, grads
 
@@ -195,7 +195,7 @@ def make_train_step(model, tx, schedule, config, text_ids, teacher_model=None,
       batch = batch_transform(batch, state.step)
     rng = jax.random.fold_in(state.rng, state.step)
     loss, (terms, out), grads = loss_and_grads(state.params, batch, rng, state.active,
-                                               teacher_params)
+                                               teacher_params, state.step)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

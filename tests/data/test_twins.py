@@ -1,4 +1,6 @@
 """Place twins: an example's shapes at other places, beside it in a training batch."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -6,6 +8,8 @@ from clusjax import data
 from clusjax.config import ConfigError, validate
 from clusjax.data import shapes, shapes_v2
 from clusjax.data.twins import TwinBatches, TwinSource, make_twin, move_places, with_twins
+from clusjax.train.objective import twin_exclusion
+from clusjax.train.state import dummy_batch
 from tests.conftest import micro_config
 from tests.data.test_pipeline import tok  # noqa: F401 - fixture
 
@@ -122,6 +126,11 @@ def test_train_batches_hold_pairs_of_an_example_and_its_twin(tok):  # noqa: F811
       twin = source[source.num_originals + rows[j - 1]]
       assert batch["image"][j].tobytes() == twin["image"].tobytes()
       assert (batch["text_ids"][j] != batch["text_ids"][j - 1]).any()
+    # "pair_id": the example's record index, on its row and its twin's; no other row's.
+    originals = [0, 2, 4, 6, 7]
+    assert batch["pair_id"].dtype == np.int32
+    np.testing.assert_array_equal(batch["pair_id"][originals], [rows[j] for j in originals])
+    np.testing.assert_array_equal(batch["pair_id"][[1, 3, 5]], batch["pair_id"][[0, 2, 4]])
     seen.update(rows[j] for j in (0, 2, 4, 6, 7))
   assert seen == set(range(24))
 
@@ -140,3 +149,37 @@ def test_twins_need_the_v2_renderer_and_only_the_built_in_shapes_get_them(tmp_pa
   assert len(TwinBatches(lambda step: np.arange(63 - 31), 100, 31)(0)) == 63
   config.data.update(name="jsonl")   # a caption source of its own: no scenes to move
   assert with_twins(source, config.data, 16) == (source, 0)
+
+
+def test_twin_negatives_schedule_needs_twins_and_a_share(tmp_path):
+  """loss.itm_twin_negatives: a share of the steps in [0, 1], and < 1 only with twins;
+  the batch carries "pair_id" exactly when there are twins."""
+  for overrides, bad in ((dict(loss__itm_twin_negatives=1.5), "must be in \\[0, 1\\]"),
+                         (dict(loss__itm_twin_negatives=0.5, data__shapes_twins=0.0),
+                          "itm_twin_negatives=0.5 stops drawing place twins")):
+    with pytest.raises(ConfigError, match=bad):
+      validate(micro_config(tmp_path, **overrides))
+  config = micro_config(tmp_path, loss__itm_twin_negatives=0.0)
+  validate(config)
+  assert dummy_batch(config, 4)["pair_id"].shape == (4,)
+  config.data.shapes_twins = 0.0
+  assert "pair_id" not in dummy_batch(config, 4)
+
+
+def test_twin_negatives_stop_at_their_share_of_the_steps(tmp_path):
+  """loss.itm_twin_negatives=0.5 of 6 steps: no pair excluded at steps 0-2, each row's
+  twin (same pair_id) from step 3 on; the step may be traced (one compiled step)."""
+  config = micro_config(tmp_path, loss__itm_twin_negatives=0.5)
+  batch = {"pair_id": jnp.array([4, 4, 9, 9, 1, 7], jnp.int32)}
+  twins = np.zeros((6, 6), bool)
+  for r, c in ((0, 1), (1, 0), (2, 3), (3, 2)):
+    twins[r, c] = True
+  exclusion = jax.jit(lambda step: twin_exclusion(batch, config, step))
+  for step in range(6):
+    np.testing.assert_array_equal(exclusion(jnp.int32(step)), twins & (step >= 3))
+  config.loss.itm_twin_negatives = 1.0   # throughout: nothing to exclude, no step needed
+  assert twin_exclusion(batch, config, None) is None
+  config.loss.itm_twin_negatives = 0.5
+  assert twin_exclusion({}, config, 3) is None   # a batch without twins
+  with pytest.raises(ValueError, match="itm_twin_negatives=0.5 needs the train step"):
+    twin_exclusion(batch, config, None)

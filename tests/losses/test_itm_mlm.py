@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clusjax.losses import itm_loss, itm_pairs, mask_tokens, mlm_loss, sample_hard_negatives
+from clusjax.losses import (itm_loss, itm_pairs, mask_tokens, mlm_loss, sample_hard_negatives,
+                            twin_pairs)
 
 
 def test_hard_negatives_follow_softmax_and_skip_the_positive():
@@ -44,6 +45,34 @@ def test_uniform_fraction_mixes_uniform_negatives_into_the_softmax(u):
       np.testing.assert_allclose(freq, want, atol=0.015)
   with pytest.raises(ValueError, match="uniform_fraction=1.5 must be in"):
     sample_hard_negatives(jax.random.key(0), sim, 1.5)
+
+
+@pytest.mark.parametrize("u", [0.0, 0.5])
+def test_excluded_pairs_are_never_drawn_and_the_rest_keep_their_odds(u):
+  """An example's twin (far above the rest in ITC) excluded: neither share draws it;
+  the softmax share renormalises over the rest, the uniform share spreads over the
+  b - 2 pairs left."""
+  b = 6
+  rng = np.random.default_rng(1)
+  sim = rng.normal(size=(b, b)).astype(np.float32)
+  pair_id = np.array([0, 0, 1, 1, 2, 3])
+  twin = np.asarray(twin_pairs(jnp.asarray(pair_id)))
+  same = pair_id[:, None] == pair_id[None, :]
+  np.testing.assert_array_equal(twin, same & ~np.eye(b, dtype=bool))
+  sim[twin] = 40.0
+  draws = jax.jit(jax.vmap(lambda r: sample_hard_negatives(r, sim, u, excluded=twin)))(
+      jax.random.split(jax.random.key(3), 20_000))
+  for idx, s, ex in ((np.asarray(draws[0]), sim, twin), (np.asarray(draws[1]), sim.T, twin.T)):
+    for i in range(b):
+      blocked = ex[i] | (np.arange(b) == i)
+      logits = np.where(blocked, -np.inf, s[i])
+      p = np.exp(logits - logits.max())
+      want = (1 - u) * p / p.sum() + u * np.where(blocked, 0.0, 1.0 / (~blocked).sum())
+      freq = np.bincount(idx[:, i], minlength=b) / len(idx)
+      assert freq[blocked].sum() == 0.0
+      np.testing.assert_allclose(freq, want, atol=0.015)
+  with pytest.raises(ValueError, match=r"excluded has shape \(5, 5\)"):
+    sample_hard_negatives(jax.random.key(0), sim, u, excluded=np.zeros((5, 5), bool))
 
 
 def test_hard_negatives_come_from_other_shards():

@@ -146,8 +146,10 @@ def _metrics(workdir):
 
 
 def test_resume_from_checkpoint_is_exact(shapes_data_dir, tmp_path):
-  # Clustering every 2 steps: its prototype updates must resume exactly too.
-  config = micro_config(shapes_data_dir, clustering__cluster_every=2)
+  # Clustering every 2 steps: its prototype updates must resume exactly too; and ITM
+  # stops drawing place twins after step 3 of 6 (a switch on the step in the step).
+  config = micro_config(shapes_data_dir, clustering__cluster_every=2,
+                        loss__itm_twin_negatives=0.5)
   full = tmp_path / "full"
   _, state_full, _ = train(config, str(full))
   assert int(state_full.step) == config.train.num_steps
