@@ -107,16 +107,6 @@ def _itc_negatives(value, config):
           "is False: nothing would use them.")
 
 
-def _twin_negatives(value, config):
-  if not 0 <= value <= 1:
-    return "must be in [0, 1]: the share of config.train.num_steps, from the start."
-  if value < 1 and not twin_pairs_per_batch(config.data, config.train.batch_size):
-    return ("stops drawing place twins as ITM negatives, but there are none: "
-            f"config.data.shapes_twins={config.data.get('shapes_twins', 0.0)} "
-            f"(config.data.name={config.data.name!r}) puts no twin pairs in a batch.")
-  return None
-
-
 def _scene_negatives(value, config):
   if not value:
     return None
@@ -227,7 +217,9 @@ RULES = (
     ("loss.itc_caption_negatives", BOOL, _itc_negatives, has("loss.itc_caption_negatives")),
     ("loss.caption_negative_share", FLOAT, _negative_share, has("loss.caption_negative_share")),
     ("loss.itm_uniform_negatives", FLOAT, UNIT, has("loss.itm_uniform_negatives")),
-    ("loss.itm_twin_negatives", FLOAT, _twin_negatives, has("loss.itm_twin_negatives")),
+    # Read only where there are place twins (data.shapes_twins on the built-in shapes),
+    # as shapes_twins itself: a :tiny run on another source trains as without twins.
+    ("loss.itm_twin_negatives", FLOAT, UNIT, has("loss.itm_twin_negatives")),
     ("loss.mlm_probability", FLOAT, Range(0, 1, low_open=True)),
     ("loss.itc.kind", STR, OneOf(ITC_KINDS)),
     ("loss.itc.label_smoothing", FLOAT, Range(0, 1, low_open=True), its("loss.itc.kind",
