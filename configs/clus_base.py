@@ -383,7 +383,7 @@ def _tiny(c):
   c.optim.b2 = 0.98
   c.optim.grad_clip_norm = 1.0
   c.optim.warmup_frac = 0.1
-  # 360 x 64 fits the 10 minutes of a 2-core laptop, just: 9.7-10.0 min on an idle VM
+  # 360 x 64 is at the 10 minutes of a 2-core laptop: 9.7-10.2 min on an idle VM
   # (~1.45 s/step, of which the image view ~0.4 s; 1.0 s/step without the uni-modal
   # terms; README, Figures). Smaller batches for more steps learn kind sooner.
   c.train.batch_size = 64
