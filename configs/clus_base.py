@@ -366,15 +366,7 @@ def _tiny(c):
   # 0.965 at ITM weight 0.5 in the score (the best on the val split;
   # docs/experiments.md, "Learning rate"). Seed spread is large: lr 2e-3 at seed 1
   # gave 0.803 / 0.852.
-  # Place twins as ITM's negatives for the first 55% of the steps only: ITC's softmax
-  # puts ~half its mass on the twin, so until then ITM's negatives are ~40% twins (it
-  # learns place); after, kind, count, size and bindings. ITM's pairwise accuracy on
-  # the top-16's kind negatives 0.934 / 0.920 -> 0.962 / 0.959, size 0.916 / 0.947 ->
-  # 0.990 / 0.997, place kept; re-ranking +1.9 / +1.4 -> +4.6 / +2.6 over ITC 0.901 /
-  # 0.933 (was 0.928 / 0.951); over seeds 0-3 +1.8 / +1.2 -> +3.0 / +1.8, ITC 1.8 / 0.8
-  # lower, re-ranked R@1 0.6 / 0.2 lower (docs/experiments.md, "Place twins ...").
   c.model.itm_head_product = True
-  c.loss.itm_twin_negatives = 0.55
   c.loss.itm_uniform_negatives = 0.25
   c.loss.itm_weight = 3.0
   c.loss.mlm_weight = 0.25
@@ -383,6 +375,16 @@ def _tiny(c):
   c.optim.b2 = 0.98
   c.optim.grad_clip_norm = 1.0
   c.optim.warmup_frac = 0.1
+  # Place twins as ITM's negatives for the first 55% of the steps only. With them
+  # throughout, ITC's softmax put ~half its mass on the twin (steps 200-360), so ~40% of
+  # ITM's negatives were twins to the end; now ITM learns place from them until step
+  # 198 and kind, count, size and bindings after. ITM's pairwise accuracy on the
+  # top-16's kind negatives 0.934 / 0.920 -> 0.962 / 0.959, size 0.916 / 0.947 -> 0.990
+  # / 0.997, place kept; re-ranking +1.9 / +1.4 -> +4.6 / +2.6 over ITC 0.901 / 0.933
+  # (was 0.928 / 0.951); over seeds 0-3 +1.8 / +1.2 -> +3.0 / +1.8, with ITC 1.8 / 0.8
+  # and re-ranked R@1 0.6 / 0.2 lower (docs/experiments.md, "Place twins as ITM
+  # negatives for the first 55%").
+  c.loss.itm_twin_negatives = 0.55
   # 360 x 64 is at the 10 minutes of a 2-core laptop: 9.7-10.2 min on an idle VM
   # (~1.45 s/step, of which the image view ~0.4 s; 1.0 s/step without the uni-modal
   # terms; README, Figures). Smaller batches for more steps learn kind sooner.
