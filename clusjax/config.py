@@ -14,7 +14,7 @@ import re
 from clusjax.config_checks import (  # noqa: F401 (re-exported: clusjax.config's API)
     MAX_ARRAY_BYTES, SHAPES_CAPTION_TEMPLATES, WORD_PATTERN, check_bytes_of, check_clustering,
     check_grad_accum, check_longnet, check_losses, check_model, check_prompt_labels, itc_kind,
-    prompts_on, twin_pairs_per_batch)
+    prompts_on, twin_ids_read, twin_pairs_per_batch)
 from clusjax.config_mesh import (  # noqa: F401 (re-exported: clusjax.config's API)
     MESH_AXES, check_devices, check_sharding_rules, dcn_mesh_shape, resolve_mesh_shape)
 from clusjax.config_rules import (  # noqa: F401 (ConfigError, set_key: clusjax.config's API)

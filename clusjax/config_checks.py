@@ -43,6 +43,14 @@ def twin_pairs_per_batch(data_config, batch_size):
   return int(data_config.get("shapes_twins", 0.0) * batch_size) // 2   # <= batch_size / 2
 
 
+def twin_ids_read(config):
+  """Whether the train step reads each row's "pair_id": place twins in the batch and
+  `loss.itm_twin_negatives` < 1. The loader writes it and `dummy_batch` has it exactly
+  then, so that the compiled step's batch and the loader's agree."""
+  return (twin_pairs_per_batch(config.data, config.train.batch_size) > 0
+          and config.loss.get("itm_twin_negatives", 1.0) < 1)
+
+
 def _arrays(config):
   """(what, ((key, power), ...), bytes per element) of the largest arrays a run makes."""
   image = (("data.image_size", 2),)

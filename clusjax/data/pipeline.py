@@ -75,7 +75,7 @@ class _DecodeIndex:
       example.update({k: record[k] for k in ("caption",) + EVAL_KEYS if k in record})
     if self.targets is not None:   # a downstream task's labels (clusjax.data.tasks)
       example.update(self.targets(record))
-    if hasattr(self.source, "pair_id"):   # place twins (clusjax.data.twins)
+    if getattr(self.source, "pair_ids", False):   # place twins (clusjax.data.twins)
       example["pair_id"] = np.int32(self.source.pair_id(index))
     if self.negative_groups:
       # None: nothing to swap (an all-padding row, masked out of the loss).

@@ -75,8 +75,9 @@ def make_twin(record, image_index, *, image_size, seed, backgrounds):
 class TwinSource:
   """The training records, then their twins (record N + i: twin of record i)."""
 
-  def __init__(self, source, *, image_size, seed, backgrounds):
+  def __init__(self, source, *, image_size, seed, backgrounds, pair_ids=False):
     self.source, self.num_originals = source, len(source)
+    self.pair_ids = pair_ids   # the loader writes each row's "pair_id" (`pair_id`)
     self.image_size, self.seed, self.backgrounds = image_size, seed, tuple(backgrounds)
 
   def __len__(self):
@@ -113,13 +114,14 @@ class TwinBatches:
     return np.concatenate([paired, base[self.pairs:]])
 
 
-def with_twins(source, data_config, batch_size):
+def with_twins(source, data_config, batch_size, pair_ids=False):
   """(`TwinSource` of the training `source`, pairs per batch) for `config.data`'s
   shapes_twins, the fraction of a batch's rows in pairs; (`source`, 0) when off or
-  when the data is not the built-in shapes (which alone has scenes to move)."""
+  when the data is not the built-in shapes (which alone has scenes to move).
+  `pair_ids`: batches carry "pair_id" (`clusjax.config.twin_ids_read`)."""
   pairs = twin_pairs_per_batch(data_config, batch_size)
   if not pairs:
     return source, 0
   backgrounds = data_config.get("shapes_backgrounds", shapes.DEFAULT_BACKGROUNDS)
   return TwinSource(source, image_size=data_config.image_size, seed=data_config.seed,
-                    backgrounds=backgrounds), pairs
+                    backgrounds=backgrounds, pair_ids=pair_ids), pairs

@@ -17,7 +17,7 @@ from clusjax import workdir as wd
 from clusjax.api import Pretrained
 from clusjax.clustering import next_k_max, write_cluster_plots
 from clusjax.config import (ConfigError, negative_groups, task_of, train_stages,
-                            validate)
+                            twin_ids_read, validate)
 from clusjax.data import make_sampled_iterator, make_source, make_train_iterator
 from clusjax.data.pipeline import skip_metrics
 from clusjax.data.sampler import ClusteredSampler
@@ -160,7 +160,8 @@ def stage_batches(stage, config, workdir, train_source, tokenizer, pretrained, t
       negative_groups=negative_groups(config),
       prompt_labeler=labeler_from_config(c), tagger=tagger_from_config(c), targets=targets)
   # Place twins (config.data.shapes_twins): pairs of each batch's first rows.
-  source, pairs = with_twins(train_source, config.data, config.train.batch_size)
+  source, pairs = with_twins(train_source, config.data, config.train.batch_size,
+                             pair_ids=twin_ids_read(config))
   if stage.sampler == "random":
     if stage.index:
       seed = int(np.random.SeedSequence([seed, stage.index]).generate_state(1)[0])

@@ -285,12 +285,12 @@ def twin_exclusion(batch, config, step):
   For the first `loss.itm_twin_negatives` share of the steps an example's twin is
   a negative like any other (ITM learns place from it); after, never (its
   negatives are the other near misses: kind, count, binding). A traced switch on
-  the step: one compiled step, the same batches."""
+  the step: one compiled step, the same batches. Without a step (the objective
+  outside a train step) as at step 0."""
   share = config.loss.get("itm_twin_negatives", 1.0)
   if share >= 1 or "pair_id" not in batch:
     return None
-  if step is None:
-    raise ValueError(f"config.loss.itm_twin_negatives={share} needs the train step.")
+  step = 0 if step is None else step
   return twin_pairs(batch["pair_id"]) & (step >= round(share * config.train.num_steps))
 
 

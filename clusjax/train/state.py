@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clusjax.clustering import grow_prototypes
-from clusjax.config import negative_groups, twin_pairs_per_batch
+from clusjax.config import negative_groups, twin_ids_read
 from clusjax.data.prompts import labeler_from_config, tagger_from_config
 from clusjax.parallel.mesh import logical_shardings
 
@@ -46,7 +46,7 @@ def dummy_batch(config, batch_size=1):
                  label_mask=np.ones((batch_size, k, label_len), bool),
                  label_noun=np.ones((batch_size, k), np.int32),
                  caption_nouns=np.ones((batch_size, labeler.max_nouns), np.int32))
-  if twin_pairs_per_batch(config.data, config.train.batch_size):
+  if twin_ids_read(config):
     batch.update(pair_id=np.arange(batch_size, dtype=np.int32))
   if tagger_from_config(config) is not None:
     batch.update(tag_ids=np.zeros((batch_size, length), np.int32),

@@ -112,7 +112,7 @@ def test_twin_batches_put_each_twin_after_its_example():
 
 def test_train_batches_hold_pairs_of_an_example_and_its_twin(tok):  # noqa: F811
   base = ExampleSource(24)
-  source = TwinSource(base, image_size=SIZE, seed=0, backgrounds=("dark",))
+  source = TwinSource(base, image_size=SIZE, seed=0, backgrounds=("dark",), pair_ids=True)
   it = data.make_train_iterator(source, global_batch_size=8, seed=0, image_size=SIZE,
                                 tokenizer=tok, max_text_len=40, twin_pairs=3)
   images = {r["image"].tobytes(): i for i, r in enumerate(base.records)}
@@ -160,6 +160,10 @@ def test_twin_negatives_schedule_is_a_share_and_pair_ids_come_with_twins(tmp_pat
   config = micro_config(tmp_path, loss__itm_twin_negatives=0.0)
   validate(config)
   assert dummy_batch(config, 4)["pair_id"].shape == (4,)
+  assert with_twins(ExampleSource(4), config.data, 16, pair_ids=True)[0].pair_ids
+  config.loss.itm_twin_negatives = 1.0   # twins, but the step does not read pair_id
+  assert "pair_id" not in dummy_batch(config, 4)
+  config.loss.itm_twin_negatives = 0.5
   config.data.shapes_twins = 0.0
   validate(config)
   assert "pair_id" not in dummy_batch(config, 4)
@@ -180,5 +184,7 @@ def test_twin_negatives_stop_at_their_share_of_the_steps(tmp_path):
   assert twin_exclusion(batch, config, None) is None
   config.loss.itm_twin_negatives = 0.5
   assert twin_exclusion({}, config, 3) is None   # a batch without twins
-  with pytest.raises(ValueError, match="itm_twin_negatives=0.5 needs the train step"):
-    twin_exclusion(batch, config, None)
+  # Outside a train step (no step): as at step 0.
+  np.testing.assert_array_equal(twin_exclusion(batch, config, None), np.zeros((6, 6), bool))
+  config.loss.itm_twin_negatives = 0.0
+  np.testing.assert_array_equal(twin_exclusion(batch, config, None), twins)
