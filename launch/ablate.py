@@ -173,6 +173,9 @@ def main(argv):
   workdir = _WORKDIR.value
   # A row's seeds compile the same programs: compile them once.
   import jax
+  from clusjax.parallel import cpu
+  cpu.run_inline()           # before JAX's backends start (clusjax/parallel/cpu.py)
+  cpu.keep_freed_memory()
   jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir),
                                                               ".jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

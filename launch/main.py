@@ -27,7 +27,7 @@ from ml_collections import config_flags
 # Make `clusjax` importable from a plain checkout too (no `pip install -e .`).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clusjax.cli import fail, parse_flags  # noqa: E402
-from clusjax.parallel import distributed  # noqa: E402
+from clusjax.parallel import cpu, distributed  # noqa: E402
 
 REQUIRED = {"config": "configs/clus_base.py:tiny", "workdir": "workdirs/tiny"}
 
@@ -103,6 +103,7 @@ def main(argv):
       fail(str(e))
     print(f"Exported {workdir} to {out} (see {os.path.join(out, 'README.md')}).", flush=True)
     return
+  cpu.run_inline()   # before JAX's backends start (clusjax/parallel/cpu.py)
   try:
     joined = distributed.initialize(
         args.distributed.value, coordinator_address=args.coordinator_address.value,
@@ -111,6 +112,7 @@ def main(argv):
   except ValueError as e:
     fail(str(e))
   import jax
+  cpu.keep_freed_memory()   # a CPU train step reuses the last one's temporaries
   is_main = jax.process_index() == 0
   if joined and is_main:
     print(f"Joined {jax.process_count()} processes: {jax.device_count()} devices, "
