@@ -8,17 +8,21 @@ faults, about a quarter of a `:tiny` step on 2 cores). Run inline (`run_inline`:
 the calling thread, whose arena is the main one) with freed memory kept in the
 process (`keep_freed_memory`), each step reuses the pages of the one before:
 `:tiny`'s step 1.43 -> 1.07 s (benchmarks/cpu_step_memory.py). The executable, and
-so every result, is the same.
+so every result, is the same. A call runs inline only when its inputs are ready, so
+the train loop waits for each batch's arrays before the step (`_global_batch` in
+clusjax/train/loop.py).
 """
 import ctypes
 import ctypes.util
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
 _M_MMAP_MAX = -4
-# The largest trim threshold mallopt takes (an int): the heap's free top is given
-# back to the system only beyond it.
-_TRIM_BYTES = 2**31 - 1
+# The largest value mallopt takes (an int): the heap's free top is given back to the
+# system only beyond it, and then only down to it, so a step's temporaries up to 2 GB
+# stay in the process between steps.
+_KEEP_BYTES = 2**31 - 1
 
 
 def run_inline():
@@ -30,9 +34,10 @@ def run_inline():
 
 def keep_freed_memory():
   """On a CPU backend (JAX's default): freed memory stays in the process for the next
-  allocation. Large blocks come from the heap, not a mapping of their own, and the
-  heap keeps up to 2 GB of free top. glibc only; returns whether it was set (False on
-  other backends and C libraries)."""
+  allocation: large blocks come from the heap, not a mapping of their own, and the
+  heap keeps up to 2 GB of free top (a trim leaves 2 GB, so that the next step's
+  temporaries fit where the last one's were). glibc only; returns whether it was set
+  (False on other backends and C libraries)."""
   import jax  # pylint: disable=g-import-not-at-top
   if jax.default_backend() != "cpu":
     return False
@@ -40,4 +45,5 @@ def keep_freed_memory():
     mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
   except (OSError, AttributeError, TypeError):   # no C library found, or not glibc's
     return False
-  return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_BYTES))
+  return all(mallopt(key, value) for key, value in (
+      (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_BYTES), (_M_TOP_PAD, _KEEP_BYTES)))

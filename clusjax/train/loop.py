@@ -43,9 +43,15 @@ from clusjax.train.run_tokenizer import distill_teacher, get_tokenizer
 from clusjax.train.step import make_cluster_step, make_train_step
 
 def _global_batch(local_batch, sharding):
-  """Host-local numpy batch -> global jax.Arrays sharded over the batch axes."""
-  return {k: jax.make_array_from_process_local_data(sharding, v)
-          for k, v in local_batch.items()}
+  """Host-local numpy batch -> global jax.Arrays sharded over the batch axes, ready.
+
+  Ready before the step is called: on the CPU backend a step whose inputs are all
+  ready runs inline (clusjax/parallel/cpu.py); one that waits for its batch runs on
+  a worker thread, and so does the next (its state is not ready yet), each mapping
+  its temporaries anew.
+  """
+  return jax.block_until_ready({k: jax.make_array_from_process_local_data(sharding, v)
+                                for k, v in local_batch.items()})
 
 
 def compile_train_step(model, tx, schedule, config, tokenizer, mesh, rules, state_shapes,
