@@ -69,13 +69,6 @@ def _to_host(x):
   return multihost_utils.process_allgather(x, tiled=True)
 
 
-def compile_integrity(shapes):
-  """Compiles the checksums for a state of `shapes` (ShapeDtypeStructs with shardings)
-  ahead of time, so that the first save does not stop the run to compile them (~5 s
-  at :tiny on 2 cores); `integrity` of such a state then reuses it."""
-  _integrity.lower(shapes).compile()
-
-
 def integrity(tree):
   """(list of int checksums, one per leaf of `tree`, all floating leaves finite)."""
   sums, finite = _integrity(tree)

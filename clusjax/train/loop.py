@@ -6,7 +6,6 @@
 Everything stateful (checkpoints, logging, the data iterator) lives here; the
 step itself is the pure function in `clusjax/train/step.py`.
 """
-import concurrent.futures
 import os
 import time
 
@@ -29,7 +28,7 @@ from clusjax.models.clus import build_model
 from clusjax.parallel.hardware import chip_of
 from clusjax.parallel.mesh import (batch_sharding, create_mesh, mesh_context,
                                    per_device_bytes, rules_from_config)
-from clusjax.train.checkpoint import Checkpointer, compile_integrity
+from clusjax.train.checkpoint import Checkpointer
 from clusjax.train.errors import NonFiniteError
 from clusjax.train.metrics_writer import MetricWriter
 from clusjax.train.optimizer import make_optimizer
@@ -130,35 +129,21 @@ def compile_cluster_step(config, mesh, rules, state_shapes, state_shardings):
 
 
 class _Compiled:
-  """The model, state layout and compiled functions for one K_max.
-
-  XLA compiles with the GIL released, so the train step, the clustering update, the
-  checkpoint checksums and (`init`) the initial state compile side by side: at :tiny
-  on 2 cores ~32 s instead of ~40 s one after another. `initial_state`: the state
-  initialised (`init`), else None.
-  """
+  """The model, state layout and compiled functions for one K_max."""
 
   def __init__(self, config, tokenizer, tx, schedule, mesh, rules, teacher=None,
-               batch_transform=None, init=False):
+               batch_transform=None):
     self.model = build_model(config, tokenizer.vocab_size)
     self.shapes, self.shardings = abstract_state(self.model, tx, config, mesh, rules)
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-      state = pool.submit(self._init, tx, config) if init else None
-      cluster = (pool.submit(compile_cluster_step, config, mesh, rules, self.shapes,
-                             self.shardings) if clustering_on(config) else None)
-      checksums = pool.submit(compile_integrity, self.shapes)
-      step_fn = compile_train_step(self.model, tx, schedule, config, tokenizer, mesh, rules,
-                                   self.shapes, self.shardings, teacher, batch_transform)
+    step_fn = compile_train_step(self.model, tx, schedule, config, tokenizer, mesh, rules,
+                                 self.shapes, self.shardings, teacher, batch_transform)
     self.flops = compiled_flops(step_fn)
     # The teacher's params (frozen) go in with every batch.
     self.step_fn = step_fn if teacher is None else (
         lambda state, batch: step_fn(state, batch, teacher[1]))
-    self.cluster_fn = None if cluster is None else cluster.result()
-    checksums.result()
-    self.initial_state = None if state is None else state.result()
-
-  def _init(self, tx, config):
-    return jax.block_until_ready(init_state(self.model, tx, config, self.shardings))
+    self.cluster_fn = None
+    if clustering_on(config):
+      self.cluster_fn = compile_cluster_step(config, mesh, rules, self.shapes, self.shardings)
 
 
 def stage_batches(stage, config, workdir, train_source, tokenizer, pretrained, targets=None):
@@ -299,9 +284,9 @@ def train(config, workdir, *, batch_transform=None):
   teacher = load_teacher(config, workdir, mesh, rules) if distill_teacher(config) else None
   stages = train_stages(config)
 
-  def build(init=False):   # the current stage's step (its loss weights) at the current K_max
+  def build():   # the current stage's step (its loss weights) at the current K_max
     return _Compiled(stage_config(config, stage), tokenizer, tx, schedule, mesh, rules, teacher,
-                     batch_transform, init=init)
+                     batch_transform)
 
   def batches(state):   # the current stage's batches, from its start
     model = None if state is None else (
@@ -327,8 +312,8 @@ def train(config, workdir, *, batch_transform=None):
     compiled = build()
   else:
     stage = stage_at(stages, 0)
-    compiled = build(init=True)
-    state = compiled.initial_state
+    compiled = build()
+    state = init_state(compiled.model, tx, config, compiled.shardings)
     if init_from:
       state = load_init_from(state, init_from, mesh, rules, log=log)
     data_iter = batches(state)
