@@ -44,13 +44,13 @@ def measure(config, steps, warmup, setting):
   if setting == "clusjax":
     cpu.run_inline()
   import jax
-  if setting == "clusjax" and not cpu.keep_freed_memory():
-    fail("clusjax's CPU settings do not apply here (not a CPU backend on glibc).")
   from clusjax.parallel.mesh import batch_sharding
   from clusjax.train.aot import build_step
   from clusjax.train.checkpoint import integrity
   from clusjax.train.state import dummy_batch, init_state
   step = build_step(config, jax.devices())
+  if setting == "clusjax" and not cpu.keep_freed_memory():   # after compiling, as train()
+    fail("clusjax's CPU settings do not apply here (not a CPU backend on glibc).")
   state = init_state(step.model, step.tx, config, step.state_shardings)
   sharding = batch_sharding(step.mesh, step.rules)
   batch = {k: jax.device_put(v, sharding)

@@ -385,9 +385,10 @@ def _tiny(c):
   # and re-ranked R@1 0.6 / 0.2 lower (docs/experiments.md, "Place twins as ITM
   # negatives for the first 55%").
   c.loss.itm_twin_negatives = 0.55
-  # 360 x 64 is at the 10 minutes of a 2-core laptop: 9.7-10.2 min on an idle VM
-  # (~1.45 s/step, of which the image view ~0.4 s; 1.0 s/step without the uni-modal
-  # terms; README, Figures). Smaller batches for more steps learn kind sooner.
+  # 360 x 64 fits the 10 minutes of a 2-core laptop: 8.4 min on an idle VM (~1.17 s
+  # per step in the loop, 1.03 s alone; 9.7-10.2 min before CPU steps kept their
+  # temporaries, clusjax/parallel/cpu.py; README, Figures). Smaller batches for more
+  # steps learn kind sooner.
   c.train.batch_size = 64
   c.train.num_steps = 360
   c.train.log_every = 20

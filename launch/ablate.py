@@ -175,7 +175,6 @@ def main(argv):
   import jax
   from clusjax.parallel import cpu
   cpu.run_inline()           # before JAX's backends start (clusjax/parallel/cpu.py)
-  cpu.keep_freed_memory()
   jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir),
                                                               ".jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -112,7 +112,6 @@ def main(argv):
   except ValueError as e:
     fail(str(e))
   import jax
-  cpu.keep_freed_memory()   # a CPU train step reuses the last one's temporaries
   is_main = jax.process_index() == 0
   if joined and is_main:
     print(f"Joined {jax.process_count()} processes: {jax.device_count()} devices, "

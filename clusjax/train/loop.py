@@ -25,6 +25,7 @@ from clusjax.data.prompts import labeler_from_config, tagger_from_config
 from clusjax.data.tasks import answer_vocab, task_targets
 from clusjax.data.twins import TwinBatches, with_twins
 from clusjax.models.clus import build_model
+from clusjax.parallel.cpu import keep_freed_memory
 from clusjax.parallel.hardware import chip_of
 from clusjax.parallel.mesh import (batch_sharding, create_mesh, mesh_context,
                                    per_device_bytes, rules_from_config)
@@ -322,6 +323,9 @@ def train(config, workdir, *, batch_transform=None):
     print(_describe(mesh, state, compiled.flops), flush=True)
 
   sharding = batch_sharding(mesh, rules)
+  # Where steps run inline on the CPU (launch/main.py), each reuses the last one's
+  # temporaries (clusjax/parallel/cpu.py); set after the compiles, which it slows.
+  keep_freed_memory()
   start = int(state.step)
   writer = MetricWriter(workdir, enabled=is_main, start_step=start)
   bar = tqdm(total=num_steps, initial=start, disable=not is_main, unit="step",
