@@ -385,7 +385,7 @@ def _tiny(c):
   # and re-ranked R@1 0.6 / 0.2 lower (docs/experiments.md, "Place twins as ITM
   # negatives for the first 55%").
   c.loss.itm_twin_negatives = 0.55
-  # 360 x 64 fits the 10 minutes of a 2-core laptop: 8.4 min on an idle VM (~1.17 s
+  # 360 x 64 fits the 10 minutes of a 2-core laptop: 8.3 min on an idle VM (~1.17 s
   # per step in the loop, 1.03 s alone; 9.7-10.2 min before CPU steps kept their
   # temporaries, clusjax/parallel/cpu.py; README, Figures). Smaller batches for more
   # steps learn kind sooner.
