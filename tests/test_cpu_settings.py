@@ -32,7 +32,7 @@ for i in range(12):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   out = np.asarray(jax.block_until_ready(f(x, w, v)))
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"kept": kept, "faults": faults[2:], "sum": float(np.abs(out).sum())}))
+print(json.dumps({"inline": cpu.runs_inline(), "kept": kept, "faults": faults[2:], "sum": float(np.abs(out).sum())}))
 """
 
 
@@ -49,6 +49,7 @@ def test_cpu_settings_apply_only_inline_and_keep_results():
   # keep_freed_memory sets glibc's options only where run_inline took effect: under
   # async dispatch the temporaries are allocated on XLA's threads, where it cannot help.
   assert defaults["kept"] is False and tuned["kept"] is True
+  assert defaults["inline"] is False and tuned["inline"] is True   # what the loop reads
   temp_pages = 2048 * 16384 * 4 // 4096   # the intermediate's pages: 32,768
   # JAX's defaults map the temporary anew on every call and fault it back in.
   assert min(defaults["faults"]) > temp_pages // 2, defaults

@@ -32,6 +32,13 @@ def run_inline():
   jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
+def runs_inline():
+  """Whether `run_inline` took effect: a CPU backend with its async dispatch off."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.default_backend() == "cpu" and not jax.config.read(
+      "jax_cpu_enable_async_dispatch")
+
+
 def keep_freed_memory():
   """Where `run_inline` took effect (a CPU backend started after it): freed memory stays
   in the process for the next allocation. Large blocks come from the heap, not a
@@ -40,8 +47,7 @@ def keep_freed_memory():
   XLA's compiles are slower with it (`:tiny`'s start-up by ~3 s). glibc only; returns
   whether it was set (False on other backends, under async dispatch, and on other C
   libraries)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.default_backend() != "cpu" or jax.config.read("jax_cpu_enable_async_dispatch"):
+  if not runs_inline():
     return False   # async dispatch allocates on XLA's threads, where this does not help
   try:
     mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt

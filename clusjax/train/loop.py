@@ -25,7 +25,7 @@ from clusjax.data.prompts import labeler_from_config, tagger_from_config
 from clusjax.data.tasks import answer_vocab, task_targets
 from clusjax.data.twins import TwinBatches, with_twins
 from clusjax.models.clus import build_model
-from clusjax.parallel.cpu import keep_freed_memory
+from clusjax.parallel.cpu import keep_freed_memory, runs_inline
 from clusjax.parallel.hardware import chip_of
 from clusjax.parallel.mesh import (batch_sharding, create_mesh, mesh_context,
                                    per_device_bytes, rules_from_config)
@@ -42,16 +42,17 @@ from clusjax.train.objective import TextIds
 from clusjax.train.run_tokenizer import distill_teacher, get_tokenizer
 from clusjax.train.step import make_cluster_step, make_train_step
 
-def _global_batch(local_batch, sharding):
-  """Host-local numpy batch -> global jax.Arrays sharded over the batch axes, ready.
+def _global_batch(local_batch, sharding, ready=False):
+  """Host-local numpy batch -> global jax.Arrays sharded over the batch axes.
 
-  Ready before the step is called: on the CPU backend a step whose inputs are all
-  ready runs inline (clusjax/parallel/cpu.py); one that waits for its batch runs on
-  a worker thread, and so does the next (its state is not ready yet), each mapping
-  its temporaries anew.
+  `ready`: wait until they are made. Where steps run inline on the CPU
+  (clusjax/parallel/cpu.py) a step runs inline only if its inputs are ready; one that
+  waits for its batch runs on a worker thread, and so does the next (its state is not
+  ready yet), each mapping its temporaries anew.
   """
-  return jax.block_until_ready({k: jax.make_array_from_process_local_data(sharding, v)
-                                for k, v in local_batch.items()})
+  batch = {k: jax.make_array_from_process_local_data(sharding, v)
+           for k, v in local_batch.items()}
+  return jax.block_until_ready(batch) if ready else batch
 
 
 def compile_train_step(model, tx, schedule, config, tokenizer, mesh, rules, state_shapes,
@@ -324,7 +325,9 @@ def train(config, workdir, *, batch_transform=None):
 
   sharding = batch_sharding(mesh, rules)
   # Where steps run inline on the CPU (launch/main.py), each reuses the last one's
-  # temporaries (clusjax/parallel/cpu.py); set after the compiles, which it slows.
+  # temporaries (clusjax/parallel/cpu.py); set after the compiles, which it slows. Other
+  # backends keep their batches' transfers asynchronous.
+  inline = runs_inline()
   keep_freed_memory()
   start = int(state.step)
   writer = MetricWriter(workdir, enabled=is_main, start_step=start)
@@ -354,7 +357,8 @@ def train(config, workdir, *, batch_transform=None):
 
   try:
     for step in range(start, num_steps):
-      state, metrics = compiled.step_fn(state, _global_batch(next(data_iter), sharding))
+      state, metrics = compiled.step_fn(state, _global_batch(next(data_iter), sharding,
+                                                              ready=inline))
       count_skips()
       done = step + 1
       pending = (done, metrics["skipped"])
